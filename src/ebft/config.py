@@ -1,0 +1,173 @@
+"""Typed, validated configuration: one dataclass per concern.
+
+Every ``__post_init__`` raises :class:`~ebft.errors.UsageError` with a message that names
+the CLI flag, so the CLI and library callers get the same one-line errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ebft.errors import UsageError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def parse_nm(text: str | None) -> tuple[int, int] | None:
+    """Parse ``"2:4"`` into ``(2, 4)``: at most N non-zero weights in every M consecutive inputs."""
+    if text is None or text == "":
+        return None
+    parts = text.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise UsageError(f"--nm expects N:M with whole numbers, such as 2:4; got {text!r}")
+    n, m = (int(p) for p in parts)
+    if m < 2 or not 1 <= n < m:
+        raise UsageError(f"--nm {text}: N must satisfy 1 <= N < M (for example 2:4 or 4:8)")
+    return n, m
+
+
+def _positive_int(value: int, flag: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"{flag} must be a positive whole number; got {value!r}")
+
+
+@dataclass
+class PruneConfig:
+    """Which weights to remove."""
+
+    pruner: str = field(default="wanda", metadata={"help": "pruning criterion: magnitude or wanda"})
+    sparsity: float = field(
+        default=0.5, metadata={"help": "fraction of each block linear layer's weights set to zero, in [0, 1)"}
+    )
+    nm: tuple[int, int] | None = field(
+        default=None, metadata={"help": "N:M semi-structured sparsity, e.g. (2, 4); overrides sparsity"}
+    )
+
+    def __post_init__(self) -> None:
+        from ebft.pruners import PRUNERS
+
+        if self.pruner not in PRUNERS:
+            raise UsageError(f"--pruner {self.pruner!r} is unknown; choose one of: {', '.join(sorted(PRUNERS))}")
+        if isinstance(self.nm, str):
+            self.nm = parse_nm(self.nm)
+        if self.nm is not None:
+            n, m = self.nm
+            if m < 2 or not 1 <= n < m:
+                raise UsageError(f"--nm {n}:{m}: N must satisfy 1 <= N < M (for example 2:4 or 4:8)")
+            self.sparsity = 1.0 - n / m
+        elif not (isinstance(self.sparsity, (int, float)) and math.isfinite(self.sparsity) and 0.0 <= self.sparsity < 1.0):
+            raise UsageError(f"--sparsity must be in [0, 1) (0.5 removes half the weights); got {self.sparsity!r}")
+
+    @property
+    def label(self) -> str:
+        return f"{self.nm[0]}:{self.nm[1]}" if self.nm else f"{self.sparsity:.0%}"
+
+
+@dataclass
+class CalibConfig:
+    """Where the calibration windows come from."""
+
+    source: str = field(default="c4", metadata={"help": "data source, e.g. c4, wikitext2, text:PATH, jsonl:PATH"})
+    nsamples: int = field(default=256, metadata={"help": "number of calibration windows"})
+    seqlen: int = field(default=1024, metadata={"help": "tokens per calibration window"})
+    seed: int = field(default=0, metadata={"help": "seed for window sampling and fine-tuning order"})
+
+    def __post_init__(self) -> None:
+        _positive_int(self.nsamples, "--nsamples")
+        _positive_int(self.seqlen, "--seqlen")
+        if self.seqlen < 2:
+            raise UsageError("--seqlen must be at least 2")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise UsageError(f"--seed must be a non-negative whole number; got {self.seed!r}")
+
+
+@dataclass
+class FinetuneConfig:
+    """How each pruned block is repaired."""
+
+    method: str = field(default="ebft", metadata={"help": "none or ebft"})
+    epochs: int = field(default=10, metadata={"help": "passes over the calibration windows per block"})
+    lr: float = field(default=2e-4, metadata={"help": "peak AdamW learning rate (linearly decayed to 0)"})
+    batch_size: int = field(default=8, metadata={"help": "calibration windows per optimizer step"})
+    betas: tuple[float, float] = field(default=(0.9, 0.95), metadata={"help": "AdamW betas"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip; 0 disables"})
+    precision: str = field(
+        default="auto", metadata={"help": "training precision: auto, fp32, bf16 or fp16 (autocast, fp32 master weights)"}
+    )
+
+    def __post_init__(self) -> None:
+        from ebft.finetune import FINETUNERS
+
+        if self.method not in FINETUNERS:
+            raise UsageError(f"--finetune {self.method!r} is unknown; choose one of: {', '.join(sorted(FINETUNERS))}")
+        _positive_int(self.epochs, "--epochs")
+        _positive_int(self.batch_size, "--batch-size")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise UsageError(f"--lr must be a positive number; got {self.lr!r}")
+        b1, b2 = self.betas
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            raise UsageError(f"--betas must each lie in [0, 1); got {self.betas!r}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise UsageError(f"--weight-decay must be >= 0; got {self.weight_decay!r}")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            raise UsageError(f"--grad-clip must be >= 0 (0 disables clipping); got {self.grad_clip!r}")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"--precision {self.precision!r} is unknown; choose one of: {', '.join(PRECISIONS)}")
+
+
+@dataclass
+class EvalConfig:
+    """Perplexity evaluation after pruning."""
+
+    sources: list[str] = field(default_factory=list, metadata={"help": "data sources to evaluate on"})
+    seqlen: int = field(default=1024, metadata={"help": "tokens per evaluation window"})
+    max_windows: int | None = field(default=None, metadata={"help": "evaluate only the first N windows"})
+
+    def __post_init__(self) -> None:
+        _positive_int(self.seqlen, "--eval-seqlen")
+        if self.seqlen < 2:
+            raise UsageError("--eval-seqlen must be at least 2")
+        if self.max_windows is not None:
+            _positive_int(self.max_windows, "--max-windows")
+
+
+@dataclass
+class RunConfig:
+    """Everything ``ebft prune`` needs."""
+
+    model: str
+    out: Path | None = None
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    device: str = "auto"
+    data_dir: Path | None = None
+    eval_dense: bool = False
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise UsageError(f"--device {self.device!r} is unknown; choose one of: {', '.join(DEVICES)}")
+
+    def to_dict(self) -> dict:
+        """A JSON-ready copy (paths as strings, tuples as lists)."""
+        return _asdict(self)
+
+
+def _asdict(obj) -> dict:
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            value = _asdict(value)
+        elif isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
