@@ -1,0 +1,5 @@
+import sys
+
+from ebft.cli import main
+
+sys.exit(main())

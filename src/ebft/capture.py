@@ -1,0 +1,172 @@
+"""Capture what the decoder blocks receive: the first block's hidden states and every block's kwargs.
+
+Every block's ``forward`` is temporarily replaced by a stub that records its inputs and passes the
+hidden states through unchanged, so one cheap forward of the model yields the first block's inputs
+and the keyword arguments each block is called with (attention mask, position ids, rotary
+``position_embeddings``; models that alternate sliding and global attention give blocks different
+ones). The last stub stops the forward, so the norm and the head never run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from ebft.models.adapter import DecoderBlocks
+
+logger = logging.getLogger(__name__)
+
+# kwargs that must not be replayed: caches belong to one forward, and we never want one.
+_DROP_KWARGS = ("past_key_value", "past_key_values", "cache", "layer_past")
+
+
+class _StopForward(Exception):
+    """Raised inside the last block's stub to end the model's forward early."""
+
+
+@contextlib.contextmanager
+def calibration_context(model: nn.Module) -> Iterator[None]:
+    """Eval mode, no autograd and no KV cache; restores the model's state afterwards."""
+    was_training = model.training
+    config = getattr(model, "config", None)
+    old_use_cache = getattr(config, "use_cache", None)
+    model.eval()
+    if config is not None:
+        config.use_cache = False
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        if config is not None:
+            config.use_cache = old_use_cache
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def _stubbed_blocks(blocks: DecoderBlocks, on_call) -> Iterator[None]:
+    """Replace every block's forward with ``on_call(index, hidden_states, kwargs)``; always restores."""
+    originals = []
+    last = len(blocks) - 1
+    for index, block in enumerate(blocks.blocks):
+        originals.append(block.__dict__.get("forward"))
+
+        def stub(*args: Any, _index: int = index, **kwargs: Any) -> torch.Tensor:
+            if args:
+                hidden, rest = args[0], args[1:]
+                if rest:
+                    raise RuntimeError("decoder block called with extra positional arguments; unsupported model")
+            else:
+                hidden = kwargs.pop("hidden_states")
+            on_call(_index, hidden, kwargs)
+            if _index == last:
+                raise _StopForward
+            return hidden
+
+        block.forward = stub
+    try:
+        yield
+    finally:
+        for block, original in zip(blocks.blocks, originals):
+            if original is None:
+                del block.forward
+            else:
+                block.forward = original
+
+
+def _clean_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in kwargs.items():
+        if key in _DROP_KWARGS:
+            out[key] = None
+        elif key == "use_cache":
+            out[key] = False
+        else:
+            out[key] = _to_cpu(value)
+    return out
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu")
+    if isinstance(value, tuple):
+        return tuple(_to_cpu(v) for v in value)
+    if isinstance(value, list):
+        return [_to_cpu(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    return value
+
+
+def move_to(value: Any, device: torch.device | str) -> Any:
+    """Move every tensor inside nested tuples/lists/dicts to ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(move_to(v, device) for v in value)
+    if isinstance(value, list):
+        return [move_to(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: move_to(v, device) for k, v in value.items()}
+    return value
+
+
+def capture_block_kwargs(model: nn.Module, blocks: DecoderBlocks, input_ids: torch.Tensor) -> list[dict[str, Any]]:
+    """Each block's keyword arguments for one window of ``input_ids`` ([1, seqlen]), on the CPU.
+
+    They are recorded for a batch of one, so their tensors broadcast over any batch size.
+    """
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"expected input_ids of shape [1, seqlen], got {tuple(input_ids.shape)}")
+    recorded: list[dict[str, Any] | None] = [None] * len(blocks)
+
+    def on_call(index: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
+        recorded[index] = _clean_kwargs(kwargs)
+
+    device = _input_device(model)
+    with calibration_context(model), _stubbed_blocks(blocks, on_call), contextlib.suppress(_StopForward):
+        model(input_ids=input_ids.to(device), use_cache=False)
+    missing = [i for i, r in enumerate(recorded) if r is None]
+    if missing:
+        raise RuntimeError(f"blocks {missing} were never called during capture; unsupported model layout")
+    return recorded  # type: ignore[return-value]
+
+
+def capture_first_block_inputs(
+    model: nn.Module,
+    blocks: DecoderBlocks,
+    input_ids: torch.Tensor,
+    batch_size: int = 8,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Hidden states entering block 0 for every calibration window: [nsamples, seqlen, hidden], CPU."""
+    nsamples, seqlen = input_ids.shape
+    out: torch.Tensor | None = None
+    current: dict[str, torch.Tensor] = {}
+
+    def on_call(index: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
+        if index == 0:
+            current["hidden"] = hidden
+            raise _StopForward
+
+    device = _input_device(model)
+    with calibration_context(model), _stubbed_blocks(blocks, on_call):
+        for start in range(0, nsamples, batch_size):
+            batch = input_ids[start : start + batch_size].to(device)
+            with contextlib.suppress(_StopForward):
+                model(input_ids=batch, use_cache=False)
+            hidden = current.pop("hidden")
+            if out is None:
+                out = torch.empty(nsamples, seqlen, hidden.shape[-1], dtype=dtype)
+            out[start : start + batch.shape[0]] = hidden.to("cpu", dtype)
+    assert out is not None
+    return out
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    embeddings = model.get_input_embeddings()
+    return embeddings.weight.device

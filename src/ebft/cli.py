@@ -1,0 +1,184 @@
+"""Command line: a thin layer that parses flags into config objects and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from ebft.config import CalibConfig, EvalConfig, FinetuneConfig, PruneConfig, RunConfig, parse_nm
+from ebft.errors import EbftError, UsageError
+
+logger = logging.getLogger("ebft")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see: {self.prog} --help)")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda or mps")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="local data mirror (wikitext2/, c4/ like the project's shared data); default $EBFT_DATA_DIR, "
+                        "else the Hugging Face hub")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
+    p.add_argument("--quiet", action="store_true", help="only warnings and the final results")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ebft", description="Prune a causal LM and repair it with block-wise fine-tuning (EBFT).")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("prune", help="prune a model, repair it block by block, evaluate and save it")
+    p.add_argument("model", help="hub id, local folder, .gguf file, or the alias smollm2-135m")
+    p.add_argument("--out", type=Path, required=True, help="run folder: model/ (HF format) and report.json")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it already holds something")
+    p.add_argument("--pruner", default="wanda", help="magnitude or wanda (default wanda)")
+    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights removed, in [0, 1) (default 0.5)")
+    p.add_argument("--nm", default=None, help="N:M semi-structured sparsity instead of --sparsity, e.g. 2:4 or 4:8")
+    p.add_argument("--finetune", default="ebft", help="none or ebft (default ebft)")
+    p.add_argument("--calib", default="c4", help="calibration source: c4, wikitext2, pydoc, text:PATH, jsonl:PATH")
+    p.add_argument("--nsamples", type=int, default=256, help="calibration windows (default 256)")
+    p.add_argument("--seqlen", type=int, default=1024, help="tokens per calibration window (default 1024)")
+    p.add_argument("--epochs", type=int, default=10, help="EBFT epochs per block (default 10)")
+    p.add_argument("--lr", type=float, default=2e-4, help="EBFT peak learning rate (default 2e-4)")
+    p.add_argument("--batch-size", type=int, default=8, help="EBFT windows per step (default 8)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip, 0 disables (default 1.0)")
+    p.add_argument("--precision", default="auto", help="EBFT training precision: auto, fp32, bf16, fp16 (default auto)")
+    p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and training order")
+    p.add_argument("--eval", action="append", default=[], metavar="SOURCE",
+                   help="evaluate perplexity on SOURCE after pruning (repeatable), e.g. wikitext2")
+    p.add_argument("--eval-seqlen", type=int, default=1024, help="tokens per evaluation window (default 1024)")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--eval-dense", action="store_true", help="also evaluate the model before pruning")
+    _common(p)
+
+    e = sub.add_parser("eval", help="perplexity of a model on a data source")
+    e.add_argument("model", help="hub id, local folder (e.g. RUN/model), .gguf file, or smollm2-135m")
+    e.add_argument("--data", required=True, help="source: wikitext2, c4, pydoc, text:PATH, jsonl:PATH")
+    e.add_argument("--seqlen", type=int, default=1024, help="tokens per window (default 1024)")
+    e.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    e.add_argument("--json", type=Path, default=None, help="write {perplexity, tokens, windows} to this file")
+    _common(e)
+
+    d = sub.add_parser("demo", help="offline demo: SmolLM2-135M, Wanda 50%% + EBFT, on CPython's documentation")
+    d.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default runs/demo)")
+    d.add_argument("--overwrite", action="store_true", default=True, help=argparse.SUPPRESS)
+    _common(d)
+    return parser
+
+
+def _run_config(args: argparse.Namespace) -> RunConfig:
+    return RunConfig(
+        model=args.model,
+        out=args.out,
+        prune=PruneConfig(pruner=args.pruner, sparsity=args.sparsity, nm=parse_nm(args.nm)),
+        calib=CalibConfig(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed),
+        finetune=FinetuneConfig(
+            method=args.finetune, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+            weight_decay=args.weight_decay, grad_clip=args.grad_clip, precision=args.precision,
+        ),
+        eval=EvalConfig(sources=list(args.eval), seqlen=args.eval_seqlen, max_windows=args.max_windows),
+        device=args.device,
+        data_dir=args.data_dir,
+        eval_dense=args.eval_dense,
+    )
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from ebft.runner import run_prune
+
+    cfg = _run_config(args)
+    report = run_prune(cfg, overwrite=args.overwrite)
+    blocks = report["blocks"]
+    improved = sum(1 for b in blocks if b["final_loss"] < b["init_loss"])
+    print(f"pruned {report['model']['source']} to {report['sparsity']['overall']:.2%} sparsity "
+          f"({cfg.prune.pruner}, {cfg.prune.label}, finetune {cfg.finetune.method})")
+    if cfg.finetune.method != "none":
+        print(f"blocks whose reconstruction loss dropped: {improved}/{len(blocks)}")
+    for source, ppl in report.get("eval_dense", {}).items():
+        print(f"dense perplexity on {source}: {ppl:.3f}")
+    for source, ppl in report["eval"].items():
+        print(f"perplexity on {source}: {ppl:.3f}")
+    print(f"wrote {args.out}/model and {args.out}/report.json in {report['timings']['total']:.0f} s")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from ebft.data import evaluation_tokens, load_documents, parse_source
+    from ebft.eval import perplexity
+    from ebft.export import write_json
+    from ebft.models import load_model
+    from ebft.runner import resolve_device
+
+    cfg = EvalConfig(sources=[args.data], seqlen=args.seqlen, max_windows=args.max_windows)
+    parse_source(args.data)
+    device = resolve_device(args.device)
+    load_documents(args.data, "evaluation", args.data_dir)
+    if args.json is not None and not args.json.parent.is_dir():
+        raise UsageError(f"--json {args.json}: folder {args.json.parent} does not exist")
+    loaded = load_model(args.model)
+    windows = evaluation_tokens(loaded.tokenizer, args.data, cfg.seqlen, cfg.max_windows, data_dir=args.data_dir)
+    result = perplexity(loaded.model, windows, device=device, desc=f"eval {args.data}")
+    print(f"perplexity on {args.data}: {result.perplexity:.3f} ({result.tokens} tokens, {result.windows} windows "
+          f"of {cfg.seqlen})")
+    if args.json is not None:
+        write_json(args.json, result.to_dict())
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ebft.demo import run_demo
+
+    run_demo(out=args.out, device=args.device, data_dir=args.data_dir, echo=print)
+    return 0
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr)
+    if not args.debug:
+        # third-party chatter (weights conversion bars, deprecation notes) is not ours to show
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(argv)
+        _setup_logging(args)
+        if args.threads is not None:
+            if args.threads < 1:
+                raise UsageError(f"--threads must be a positive whole number; got {args.threads}")
+            import torch
+
+            torch.set_num_threads(args.threads)
+        handler = {"prune": _cmd_prune, "eval": _cmd_eval, "demo": _cmd_demo}[args.command]
+        return handler(args)
+    except EbftError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

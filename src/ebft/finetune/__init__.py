@@ -1,0 +1,6 @@
+"""Block-wise repair methods, registered by name (``--finetune``)."""
+
+from ebft.finetune.base import FINETUNERS, BlockFinetuner, BlockResult, register_finetuner
+from ebft.finetune import ebft as _ebft  # noqa: F401  (registers "ebft")
+
+__all__ = ["FINETUNERS", "BlockFinetuner", "BlockResult", "register_finetuner"]

@@ -1,0 +1,121 @@
+"""The block fine-tuner interface, its registry and the block forward helpers they share."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+FINETUNERS: dict[str, type[BlockFinetuner] | None] = {"none": None}
+
+
+def register_finetuner(name: str) -> Callable[[type], type]:
+    def wrap(cls: type) -> type:
+        FINETUNERS[name] = cls
+        cls.name = name
+        return cls
+
+    return wrap
+
+
+@dataclass
+class BlockResult:
+    """What tuning one block did; ``losses`` is the mean training loss of each epoch."""
+
+    losses: list[float] = field(default_factory=list)
+    steps: int = 0
+    train_seconds: float = 0.0
+    tokens: int = 0
+    restored: str | None = None  # why the untuned weights were put back, if they were
+
+
+class BlockFinetuner:
+    """Repairs one pruned block so that its outputs match the dense block's (``targets``)."""
+
+    name = "base"
+
+    def __init__(self, config: Any, seed: int = 0) -> None:
+        self.config = config
+        self.seed = seed
+
+    def tune(
+        self,
+        block: nn.Module,
+        inputs: torch.Tensor,  # [nsamples, seqlen, hidden] on the CPU
+        targets: torch.Tensor,  # [nsamples, seqlen, hidden] on the CPU
+        masks: dict[str, torch.Tensor],  # parameter name inside the block -> bool keep-mask
+        block_kwargs: dict[str, Any],  # on the block's device
+        index: int,
+    ) -> BlockResult:
+        raise NotImplementedError
+
+
+def block_device(block: nn.Module) -> torch.device:
+    return next(block.parameters()).device
+
+
+def call_block(block: nn.Module, hidden: torch.Tensor, block_kwargs: dict[str, Any]) -> torch.Tensor:
+    out = block(hidden, **block_kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def run_block(
+    block: nn.Module,
+    inputs: torch.Tensor,
+    block_kwargs: dict[str, Any],
+    batch_size: int,
+    out: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
+) -> float | None:
+    """Run ``block`` over all of ``inputs`` in batches, writing to ``out``.
+
+    Returns the mean squared error against ``targets`` when given. Batches are independent and
+    each batch is compared before it is written, so ``out`` may be ``inputs`` or ``targets``.
+    """
+    device = block_device(block)
+    sq_sum = 0.0
+    count = 0
+    for start in range(0, inputs.shape[0], batch_size):
+        x = inputs[start : start + batch_size].to(device)
+        y = call_block(block, x, block_kwargs).float()
+        if targets is not None:
+            t = targets[start : start + batch_size].to(device)
+            sq_sum += float((y - t).double().pow(2).sum())
+            count += y.numel()
+        if out is not None:
+            out[start : start + batch_size] = y.to(out.device, out.dtype)
+    return sq_sum / count if targets is not None else None
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast for ``bf16``/``fp16``; a no-op for ``fp32``."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` picks bf16 where the hardware runs it natively, fp32 elsewhere."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        return "bf16" if _cpu_has_native_bf16() else "fp32"
+    return "fp32"
+
+
+def _cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 dot-product instructions (AVX512-BF16 or AMX), where bf16 is fast."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags

