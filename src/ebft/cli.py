@@ -125,6 +125,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     load_documents(args.data, "evaluation", args.data_dir)
     if args.json is not None and not args.json.parent.is_dir():
         raise UsageError(f"--json {args.json}: folder {args.json.parent} does not exist")
+    from ebft.models.loading import load_config
+    from ebft.runner import check_context_length
+
+    check_context_length(load_config(args.model), cfg.seqlen, "--seqlen")
     loaded = load_model(args.model)
     windows = evaluation_tokens(loaded.tokenizer, args.data, cfg.seqlen, cfg.max_windows, data_dir=args.data_dir)
     result = perplexity(loaded.model, windows, device=device, desc=f"eval {args.data}")

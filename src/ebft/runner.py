@@ -14,7 +14,7 @@ from torch import nn
 import ebft
 from ebft.config import RunConfig
 from ebft.data import calibration_windows, evaluation_tokens, load_documents, parse_source
-from ebft.errors import EbftError
+from ebft.errors import EbftError, UsageError
 from ebft.eval import perplexity
 from ebft.export import atomic_dir, check_out_dir, save_model, write_json
 from ebft.finetune.base import resolve_precision
@@ -45,14 +45,25 @@ def validate_inputs(cfg: RunConfig, overwrite: bool = False) -> None:
     for source in cfg.eval.sources:
         parse_source(source)
     resolve_device(cfg.device)
-    model_type = getattr(load_config(cfg.model), "model_type", None)
+    config = load_config(cfg.model)
+    model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise EbftError(
             f"model type {model_type!r} is not supported; supported model types: {', '.join(sorted(SUPPORTED_MODEL_TYPES))}"
         )
+    check_context_length(config, cfg.calib.seqlen, "--seqlen")
+    if cfg.eval.sources:
+        check_context_length(config, cfg.eval.seqlen, "--eval-seqlen")
     load_documents(cfg.calib.source, "calibration", cfg.data_dir)
     for source in cfg.eval.sources:
         load_documents(source, "evaluation", cfg.data_dir)
+
+
+def check_context_length(config: Any, seqlen: int, flag: str) -> None:
+    """A window longer than the model's context is an error, not an hour of wasted compute."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and seqlen > limit:
+        raise UsageError(f"{flag} {seqlen} exceeds the model's context of {limit} tokens; use {flag} {limit} or less")
 
 
 def evaluate_all(model: nn.Module, windows: dict[str, torch.Tensor], device: torch.device, label: str) -> dict[str, dict]:
