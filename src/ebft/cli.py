@@ -119,10 +119,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from ebft.models import load_model
     from ebft.runner import resolve_device
 
+    if args.seqlen < 2:
+        raise UsageError(f"--seqlen must be at least 2; got {args.seqlen}")
     cfg = EvalConfig(sources=[args.data], seqlen=args.seqlen, max_windows=args.max_windows)
     parse_source(args.data)
     device = resolve_device(args.device)
     load_documents(args.data, "evaluation", args.data_dir)
+    if args.json is not None and args.json.is_dir():
+        raise UsageError(f"--json {args.json} is a folder; give a file path such as {args.json / 'perplexity.json'}")
     if args.json is not None and not args.json.parent.is_dir():
         raise UsageError(f"--json {args.json}: folder {args.json.parent} does not exist")
     from ebft.models.loading import load_config

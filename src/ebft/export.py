@@ -19,6 +19,11 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
     """Refuse an ``--out`` that holds something already, unless ``overwrite``."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; choose a folder path")
+    ancestor = out.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UsageError(f"--out {out} cannot be created: {ancestor} is a file; choose a folder path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"--out {out} already exists and is not empty; choose another folder or pass --overwrite")
 

@@ -335,7 +335,7 @@ def test_too_short_errors(tmp_path: Path, tok: PreTrainedTokenizerFast) -> None:
     spec = f"text:{path}"
     with pytest.raises(EbftError, match=r"has 123 tokens, fewer than one window of --seqlen 1024; .*smaller --seqlen"):
         calibration_windows(tok, spec, nsamples=4, seqlen=1024, seed=0)
-    with pytest.raises(EbftError, match=r"has 123 tokens, fewer than one window of --eval-seqlen 124") as info:
+    with pytest.raises(EbftError, match=r"has 123 tokens, fewer than one window of 124") as info:
         evaluation_tokens(tok, spec, seqlen=124)
     assert "\n" not in str(info.value)
     with pytest.raises(UsageError):

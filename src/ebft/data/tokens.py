@@ -110,8 +110,8 @@ def evaluation_tokens(
     nwindows = ntokens // seqlen
     if nwindows == 0:
         raise EbftError(
-            f"evaluation source {spec!r} has {ntokens} tokens, fewer than one window of --eval-seqlen {seqlen}; "
-            "use a longer text or a smaller --eval-seqlen (it defaults to --seqlen)"
+            f"evaluation source {spec!r} has {ntokens} tokens, fewer than one window of {seqlen}; "
+            "use a longer text or smaller evaluation windows (--eval-seqlen for prune, --seqlen for eval)"
         )
     if max_windows is not None:
         nwindows = min(nwindows, max_windows)
