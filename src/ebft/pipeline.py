@@ -30,7 +30,6 @@ from ebft.finetune import FINETUNERS
 from ebft.finetune.base import run_block
 from ebft.models.adapter import DecoderBlocks, find_blocks
 from ebft.pruners import PRUNERS
-from ebft.sparsity import apply_mask_
 
 logger = logging.getLogger(__name__)
 
@@ -130,9 +129,11 @@ def prune_and_finetune(
             # 2. prune
             block_masks = {}
             prefix = blocks.block_name(index) + "."
+            dense_weights = None
+            if tuner is not None and tuner.needs_dense_weights:
+                dense_weights = {n[len(prefix):] + ".weight": l.weight.detach().clone() for n, l in linears.items()}
             for name, linear in linears.items():
-                mask = pruner.mask(name, linear.weight.data).to(linear.weight.device)
-                apply_mask_(linear.weight.data, mask)
+                mask = pruner.prune(name, linear.weight.data)
                 masks[name] = mask.cpu()
                 block_masks[name[len(prefix):] + ".weight"] = mask
             pruner.reset()
@@ -147,7 +148,7 @@ def prune_and_finetune(
             with calibration_context(model):
                 untuned = {k: v.detach().clone() for k, v in block.state_dict().items()}
                 init_loss = run_block(block, hidden, kwargs, forward_batch_size, targets=targets)
-            result = tuner.tune(block, hidden, targets, block_masks, kwargs, index)
+            result = tuner.tune(block, hidden, targets, block_masks, kwargs, index, dense_weights=dense_weights)
             with calibration_context(model):
                 # each batch is compared with its targets before its outputs overwrite them
                 final_loss = run_block(block, hidden, kwargs, forward_batch_size, out=targets, targets=targets)

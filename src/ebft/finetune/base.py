@@ -37,6 +37,7 @@ class BlockFinetuner:
     """Repairs one pruned block so that its outputs match the dense block's (``targets``)."""
 
     name = "base"
+    needs_dense_weights = False  # whether tune() wants the block's weights from before pruning
 
     def __init__(self, config: Any, seed: int = 0) -> None:
         self.config = config
@@ -50,6 +51,7 @@ class BlockFinetuner:
         masks: dict[str, torch.Tensor],  # parameter name inside the block -> bool keep-mask
         block_kwargs: dict[str, Any],  # on the block's device
         index: int,
+        dense_weights: dict[str, torch.Tensor] | None = None,  # given when needs_dense_weights
     ) -> BlockResult:
         raise NotImplementedError
 

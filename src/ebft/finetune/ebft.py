@@ -42,6 +42,7 @@ class EBFT(BlockFinetuner):
         masks: dict[str, torch.Tensor],
         block_kwargs: dict[str, Any],
         index: int,
+        dense_weights: dict[str, torch.Tensor] | None = None,
     ) -> BlockResult:
         cfg = self.config
         device = block_device(block)

@@ -61,6 +61,16 @@ class Pruner:
             return nm_mask(scores, n, m, name=name)
         return unstructured_mask(scores, self.sparsity, per_row=self.per_row)
 
+    def prune(self, name: str, weight: Tensor) -> Tensor:
+        """Prune layer ``name`` in place and return its keep-mask.
+
+        The default zeroes what :meth:`mask` drops; pruners that also update the kept weights
+        (SparseGPT) override this.
+        """
+        mask = self.mask(name, weight).to(weight.device)
+        weight.mul_(mask)
+        return mask
+
     def reset(self) -> None:
         """Drop collected statistics (called after each block)."""
 
