@@ -39,7 +39,7 @@ def _positive_int(value: int, flag: str) -> None:
 class PruneConfig:
     """Which weights to remove."""
 
-    pruner: str = field(default="wanda", metadata={"help": "pruning criterion: magnitude or wanda"})
+    pruner: str = field(default="wanda", metadata={"help": "pruning criterion: magnitude, wanda or sparsegpt"})
     sparsity: float = field(
         default=0.5, metadata={"help": "fraction of each block linear layer's weights set to zero, in [0, 1)"}
     )
@@ -89,7 +89,7 @@ class CalibConfig:
 class FinetuneConfig:
     """How each pruned block is repaired."""
 
-    method: str = field(default="ebft", metadata={"help": "none or ebft"})
+    method: str = field(default="ebft", metadata={"help": "none, ebft (weights) or dsnot (training-free mask refinement)"})
     epochs: int = field(default=10, metadata={"help": "passes over the calibration windows per block"})
     lr: float = field(default=2e-4, metadata={"help": "peak AdamW learning rate (linearly decayed to 0)"})
     batch_size: int = field(default=8, metadata={"help": "calibration windows per optimizer step"})

@@ -149,6 +149,8 @@ def prune_and_finetune(
                 untuned = {k: v.detach().clone() for k, v in block.state_dict().items()}
                 init_loss = run_block(block, hidden, kwargs, forward_batch_size, targets=targets)
             result = tuner.tune(block, hidden, targets, block_masks, kwargs, index, dense_weights=dense_weights)
+            for name in linears:  # mask-refining tuners (DSnoT) change the masks in place
+                masks[name] = block_masks[name[len(prefix):] + ".weight"].cpu()
             with calibration_context(model):
                 # each batch is compared with its targets before its outputs overwrite them
                 final_loss = run_block(block, hidden, kwargs, forward_batch_size, out=targets, targets=targets)

@@ -15,15 +15,18 @@ for _module in sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.na
     importlib.import_module(f"{__name__}.{_module}")
 
 from ebft.pruners.magnitude import MagnitudePruner, magnitude_scores  # noqa: E402
+from ebft.pruners.sparsegpt import SparseGPTPruner, sparsegpt_prune  # noqa: E402
 from ebft.pruners.wanda import WandaPruner, wanda_scores  # noqa: E402
 
 __all__ = [
     "PRUNERS",
     "MagnitudePruner",
     "Pruner",
+    "SparseGPTPruner",
     "WandaPruner",
     "magnitude_scores",
     "make_pruner",
     "register_pruner",
+    "sparsegpt_prune",
     "wanda_scores",
 ]

@@ -1,0 +1,261 @@
+"""DSnoT (Zhang et al., 2024, "Dynamic Sparse No Training"): training-free prune-and-grow of masks.
+
+For an output row r of a linear layer with dense weights W and keep-mask M, the expected output
+error over the calibration tokens is
+
+    e_r = sum_j (1 - M_rj) W_rj mu_j,        mu_j = E[x_j].
+
+Each cycle, every row whose |e_r| is still above ``threshold`` swaps one pruned weight for one
+kept weight (so per-row counts, and N:M group counts, never change):
+
+* grow: the pruned j with 0 < sign(e_r) W_rj mu_j < 2 |e_r| (restoring it alone lowers |e_r|)
+  maximising sign(e_r) W_rj mu_j / Var(x_j)^var_power (the paper's growing criterion; the
+  variance prefers features whose mean compensates reliably);
+* prune: among kept k (for N:M, in j's group) whose removal keeps the swap improving,
+  |e_r - W_rj mu_j + W_rk mu_k| < |e_r|, the one with the lowest Wanda importance
+  |W_rk| sqrt(E[x_k^2]).
+
+A row stops when |e_r| < ``threshold`` (the paper's update threshold, 0.1), when e_r changes
+sign from its starting sign, when no improving swap is found, or after ``max_cycles`` cycles.
+Since every swap strictly lowers |e_r|, the objective sum_r |e_r| never increases. Weights end
+as the dense weights under the new mask (grown weights get their dense values back).
+
+Simplifications against the reference code: the statistics come from one forward pass of the
+already pruned block over its calibration inputs (all of its linears at once, each seeing the
+pruned layers before it), not from the dense pass; the pruning candidate is restricted by the
+improvement test above instead of the paper's sign rule, and a row whose best growing
+candidate has no improving partner stops. N:M structure is not passed to fine-tuners, so it is
+detected from each mask (see :func:`detect_nm`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ebft.errors import EbftError
+from ebft.finetune.base import BlockFinetuner, BlockResult, register_finetuner, run_block
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DSnoT", "FeatureStats", "detect_nm", "dsnot_mask", "expected_error"]
+
+_VAR_EPS = 1e-12
+
+
+@dataclass
+class FeatureStats:
+    """Per-input-feature mean, variance and mean square of a layer's inputs, float64 [in]."""
+
+    mean: Tensor
+    var: Tensor
+    sq_mean: Tensor
+
+
+class _StatsAccumulator:
+    """Running sums of x and x^2 per feature over all tokens seen."""
+
+    def __init__(self) -> None:
+        self.total: Tensor | None = None
+        self.total_sq: Tensor | None = None
+        self.count = 0
+
+    def add(self, inputs: Tensor) -> None:
+        x = inputs.detach().reshape(-1, inputs.shape[-1]).to(torch.float64)
+        s, s2 = x.sum(0), (x * x).sum(0)
+        if self.total is None:
+            self.total, self.total_sq = s, s2
+        else:
+            self.total += s
+            self.total_sq += s2
+        self.count += x.shape[0]
+
+    def stats(self) -> FeatureStats:
+        if self.total is None or self.count == 0:
+            raise EbftError("dsnot: a linear layer saw no calibration inputs")
+        mean = self.total / self.count
+        sq_mean = self.total_sq / self.count
+        return FeatureStats(mean, (sq_mean - mean * mean).clamp_min(0), sq_mean)
+
+
+def expected_error(dense: Tensor, keep: Tensor, mean: Tensor) -> Tensor:
+    """e_r = sum_j (1 - M_rj) W_rj mu_j for every row, float64 [out]."""
+    contrib = dense.detach().to(torch.float64) * mean.to(device=dense.device, dtype=torch.float64).unsqueeze(0)
+    return torch.where(keep.to(dense.device), torch.zeros_like(contrib), contrib).sum(1)
+
+
+def detect_nm(keep: Tensor) -> tuple[int, int] | None:
+    """The smallest M (2, 4, 8, ..., 128 dividing the width) at which every group keeps the same N < M.
+
+    An N:M mask made by a pruner is found; an unstructured mask practically never is (and if it
+    were, swaps would merely be confined to groups, which keeps per-row counts as well).
+    """
+    rows, cols = keep.shape
+    m = 2
+    while m <= min(cols, 128):
+        if cols % m == 0:
+            counts = keep.reshape(rows, cols // m, m).sum(2)
+            n = int(counts.reshape(-1)[0]) if counts.numel() else m
+            if n < m and bool((counts == n).all()):
+                return n, m
+        m *= 2
+    return None
+
+
+@torch.no_grad()
+def dsnot_mask(
+    dense: Tensor,
+    keep: Tensor,
+    stats: FeatureStats,
+    nm: tuple[int, int] | None = None,
+    max_cycles: int = 50,
+    threshold: float = 0.1,
+    var_power: float = 1.0,
+) -> tuple[Tensor, int]:
+    """Prune-and-grow ``keep`` [out, in] for dense weights ``dense``; returns (new keep-mask, swaps).
+
+    All rows are updated together (one swap per active row per cycle). With ``nm``, the grown and
+    the pruned weight always share an M-group. ``keep`` is not modified.
+    """
+    if dense.shape != keep.shape or dense.dim() != 2:
+        raise ValueError(f"dsnot_mask needs dense and keep of one shape [out, in]; got {dense.shape} and {keep.shape}")
+    device = dense.device
+    rows, cols = dense.shape
+    f64 = dict(device=device, dtype=torch.float64)
+    w = dense.detach().to(**f64)
+    contrib = w * stats.mean.to(**f64).unsqueeze(0)  # W_rj mu_j
+    importance = w.abs() * stats.sq_mean.to(**f64).clamp_min(0).sqrt().unsqueeze(0)
+    grow_weight = stats.var.to(**f64).clamp_min(_VAR_EPS).pow(-var_power).unsqueeze(0)
+    keep = keep.to(device=device, dtype=torch.bool).clone()
+    if nm is not None:
+        if cols % nm[1]:
+            raise ValueError(f"N:M {nm[0]}:{nm[1]} does not fit a layer with {cols} inputs")
+        group = torch.arange(cols, device=device) // nm[1]
+
+    err = torch.where(keep, torch.zeros_like(contrib), contrib).sum(1)
+    start_sign = torch.sign(err)
+    active = err.abs() >= threshold
+    row_idx = torch.arange(rows, device=device)
+    neg_inf = torch.tensor(-torch.inf, **f64)
+    pos_inf = torch.tensor(torch.inf, **f64)
+    swaps = 0
+    for _ in range(max_cycles):
+        if not bool(active.any()):
+            break
+        sign = torch.sign(err).unsqueeze(1)
+        signed = sign * contrib
+        can_grow = ~keep & (signed > 0) & (signed < 2 * err.abs().unsqueeze(1))
+        grow_val, grow = torch.where(can_grow, signed * grow_weight, neg_inf).max(1)
+        after_grow = err - contrib.gather(1, grow.unsqueeze(1)).squeeze(1)
+        can_prune = keep & ((after_grow.unsqueeze(1) + contrib).abs() < err.abs().unsqueeze(1))
+        if nm is not None:
+            can_prune &= group.unsqueeze(0) == group[grow].unsqueeze(1)
+        prune_val, prune = torch.where(can_prune, importance, pos_inf).min(1)
+        do = active & torch.isfinite(grow_val) & torch.isfinite(prune_val)
+        rows_do = row_idx[do]
+        keep[rows_do, grow[do]] = True
+        keep[rows_do, prune[do]] = False
+        new_err = after_grow + contrib.gather(1, prune.unsqueeze(1)).squeeze(1)
+        err = torch.where(do, new_err, err)
+        swaps += int(do.sum())
+        active = do & (err.abs() >= threshold) & (torch.sign(err) == start_sign)
+    return keep, swaps
+
+
+@contextlib.contextmanager
+def _record_inputs(modules: dict[str, nn.Module], stats: dict[str, _StatsAccumulator]) -> Iterator[None]:
+    handles = []
+    for key, module in modules.items():
+        def hook(mod: nn.Module, args: tuple, _key: str = key) -> None:
+            stats[_key].add(args[0])
+
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@register_finetuner("dsnot")
+class DSnoT(BlockFinetuner):
+    """Training-free mask repair (:func:`dsnot_mask`) of every linear layer of a block.
+
+    Masks are updated in place in the ``masks`` tensors given to :meth:`tune`; the block's weights
+    become the dense weights under the new masks. If that does not lower the block's output MSE
+    against ``targets``, masks and weights are put back and ``restored`` says so, so that the
+    masks stay those of the weights the pipeline keeps.
+    """
+
+    needs_dense_weights = True
+
+    def __init__(
+        self,
+        config: Any,
+        seed: int = 0,
+        max_cycles: int = 50,
+        threshold: float = 0.1,
+        var_power: float = 1.0,
+    ) -> None:
+        super().__init__(config, seed)
+        self.max_cycles = int(max_cycles)
+        self.threshold = float(threshold)
+        self.var_power = float(var_power)
+
+    def tune(
+        self,
+        block: nn.Module,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        masks: dict[str, torch.Tensor],
+        block_kwargs: dict[str, Any],
+        index: int,
+        dense_weights: dict[str, torch.Tensor] | None = None,
+    ) -> BlockResult:
+        if dense_weights is None:
+            raise EbftError("dsnot needs the block's dense weights; the pipeline did not pass them")
+        params = dict(block.named_parameters())
+        missing = [key for key in masks if key not in params or key not in dense_weights]
+        if missing:
+            raise KeyError(f"masks name parameters the block or its dense weights lack: {missing[:3]}")
+        modules = {key: block.get_submodule(key.removesuffix(".weight")) for key in masks}
+        batch_size = int(getattr(self.config, "batch_size", 8))
+        start = time.perf_counter()
+        result = BlockResult(tokens=inputs.shape[0] * inputs.shape[1])
+
+        accumulators = {key: _StatsAccumulator() for key in masks}
+        with _record_inputs(modules, accumulators):
+            init_loss = run_block(block, inputs, block_kwargs, batch_size, targets=targets)
+        saved = {key: (masks[key].clone(), params[key].detach().clone()) for key in masks}
+        err_before = err_after = 0.0
+        with torch.no_grad():
+            for key, mask in masks.items():
+                weight = params[key]
+                dense = dense_weights[key].to(weight.device)
+                stats = accumulators[key].stats()
+                nm = detect_nm(mask)
+                new_keep, swaps = dsnot_mask(dense, mask, stats, nm, self.max_cycles, self.threshold, self.var_power)
+                err_before += float(expected_error(dense, mask, stats.mean).abs().sum())
+                err_after += float(expected_error(dense, new_keep, stats.mean).abs().sum())
+                mask.copy_(new_keep.to(mask.device))
+                weight.copy_(torch.where(new_keep, dense, torch.zeros_like(dense)).to(weight.dtype))
+                result.steps += swaps
+                logger.debug("block %d %s: %d swaps%s", index, key, swaps, f" (N:M {nm[0]}:{nm[1]})" if nm else "")
+        final_loss = run_block(block, inputs, block_kwargs, batch_size, targets=targets)
+        logger.info("block %d dsnot: %d swaps, sum|e| %.4g -> %.4g, mse %.5g -> %.5g",
+                    index, result.steps, err_before, err_after, init_loss, final_loss)
+        if not final_loss < init_loss * (1 - 1e-6):
+            result.restored = f"dsnot did not lower the loss ({final_loss:.4g} >= {init_loss:.4g})"
+            with torch.no_grad():
+                for key, (mask, weight) in saved.items():
+                    masks[key].copy_(mask)
+                    params[key].copy_(weight)
+        result.train_seconds = time.perf_counter() - start
+        return result
