@@ -105,7 +105,7 @@ def prune_and_finetune(
     _move_non_block_modules(model, blocks, device)
     block_kwargs = capture_block_kwargs(model, blocks, calib_ids[:1])
     hidden = capture_first_block_inputs(model, blocks, calib_ids, batch_size=forward_batch_size)
-    targets = torch.empty_like(hidden) if tuner is not None else None
+    targets = torch.empty_like(hidden)
     logger.info("calibration activations: %s windows x %s tokens x %s features (%.0f MB each)",
                 *hidden.shape, hidden.numel() * hidden.element_size() / 2**20)
 
@@ -118,14 +118,10 @@ def prune_and_finetune(
         kwargs = move_to(block_kwargs[index], device)
         linears = blocks.linears(index)
         with calibration_context(model):
-            # 1. dense targets (kept only when tuning) and the pruner's activation statistics
+            # 1. dense targets and the pruner's activation statistics, in one pass
             hooks = _collect_activations(linears, pruner) if pruner.needs_activations else contextlib.nullcontext()
             with hooks:
-                dense_out = targets if targets is not None else torch.empty_like(hidden[:0])
-                if targets is not None:
-                    run_block(block, hidden, kwargs, forward_batch_size, out=targets)
-                elif pruner.needs_activations:
-                    run_block(block, hidden, kwargs, forward_batch_size)
+                run_block(block, hidden, kwargs, forward_batch_size, out=targets)
             # 2. prune
             block_masks = {}
             prefix = blocks.block_name(index) + "."
@@ -137,13 +133,13 @@ def prune_and_finetune(
                 masks[name] = mask.cpu()
                 block_masks[name[len(prefix):] + ".weight"] = mask
             pruner.reset()
-            del dense_out
 
         if tuner is None:
-            # the loss of the pruned block needs the dense outputs, which we only keep when tuning
             with calibration_context(model):
-                run_block(block, hidden, kwargs, forward_batch_size, out=hidden)
-            report = BlockReport(index, float("nan"), float("nan"), 0.0)
+                # each batch is compared with its targets before its outputs overwrite them
+                loss = run_block(block, hidden, kwargs, forward_batch_size, out=targets, targets=targets)
+            hidden, targets = targets, hidden
+            report = BlockReport(index, loss, loss, 0.0)
         else:
             with calibration_context(model):
                 untuned = {k: v.detach().clone() for k, v in block.state_dict().items()}
