@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ebft.config import CalibConfig, EvalConfig, FinetuneConfig, PruneConfig, RunConfig, parse_nm
+from ebft.config import LORA_TARGETS, CalibConfig, EvalConfig, FinetuneConfig, PruneConfig, RunConfig, parse_nm
 from ebft.errors import EbftError, UsageError
 
 logger = logging.getLogger("ebft")
@@ -43,16 +43,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pruner", default="wanda", help="magnitude, wanda or sparsegpt (default wanda)")
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights removed, in [0, 1) (default 0.5)")
     p.add_argument("--nm", default=None, help="N:M semi-structured sparsity instead of --sparsity, e.g. 2:4 or 4:8")
-    p.add_argument("--finetune", default="ebft", help="none, ebft or dsnot (default ebft)")
+    p.add_argument("--finetune", default="ebft",
+                   help="none, ebft, ebft-mask (mask tuning), dsnot (training-free mask refinement), or lora: the baseline that "
+                        "fine-tunes the whole pruned model with LoRA, then merges and re-masks it (default ebft)")
     p.add_argument("--calib", default="c4", help="calibration source: c4, wikitext2, pydoc, text:PATH, jsonl:PATH")
     p.add_argument("--nsamples", type=int, default=256, help="calibration windows (default 256)")
     p.add_argument("--seqlen", type=int, default=1024, help="tokens per calibration window (default 1024)")
-    p.add_argument("--epochs", type=int, default=10, help="EBFT epochs per block (default 10)")
-    p.add_argument("--lr", type=float, default=2e-4, help="EBFT peak learning rate (default 2e-4)")
-    p.add_argument("--batch-size", type=int, default=8, help="EBFT windows per step (default 8)")
+    p.add_argument("--epochs", type=int, default=10,
+                   help="EBFT epochs per block; for lora, passes over the whole calibration set (default 10)")
+    p.add_argument("--lr", type=float, default=2e-4,
+                   help="peak learning rate, linearly decayed (default 2e-4; for lora about 1e-4 to 3e-4)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per optimizer step (default 8)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip, 0 disables (default 1.0)")
-    p.add_argument("--precision", default="auto", help="EBFT training precision: auto, fp32, bf16, fp16 (default auto)")
+    p.add_argument("--precision", default="auto", help="training precision: auto, fp32, bf16, fp16 (default auto)")
+    p.add_argument("--lora-rank", type=int, default=8, help="lora: adapter rank (default 8)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="lora: adapter scale numerator, alpha/rank (default 16)")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="lora: dropout on the adapters' inputs (default 0)")
+    p.add_argument("--lora-targets", default=",".join(LORA_TARGETS),
+                   help="lora: comma-separated decoder-block linear layers that get adapters (default: all of them)")
     p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and training order")
     p.add_argument("--eval", action="append", default=[], metavar="SOURCE",
                    help="evaluate perplexity on SOURCE after pruning (repeatable), e.g. wikitext2")
@@ -85,6 +94,8 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
         finetune=FinetuneConfig(
             method=args.finetune, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
             weight_decay=args.weight_decay, grad_clip=args.grad_clip, precision=args.precision,
+            lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+            lora_targets=args.lora_targets,
         ),
         eval=EvalConfig(sources=list(args.eval), seqlen=args.eval_seqlen, max_windows=args.max_windows),
         device=args.device,
@@ -102,7 +113,11 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     improved = sum(1 for b in blocks if b["final_loss"] < b["init_loss"])
     print(f"pruned {report['model']['source']} to {report['sparsity']['overall']:.2%} sparsity "
           f"({cfg.prune.pruner}, {cfg.prune.label}, finetune {cfg.finetune.method})")
-    if cfg.finetune.method != "none":
+    if "lora" in report:
+        lora = report["lora"]
+        print(f"lora: {lora['trainable_parameters']} trainable parameters, {lora['steps']} steps, causal-LM loss "
+              f"{lora['init_loss']:.4f} -> {lora['final_loss']:.4f} (merged, masks re-applied)")
+    elif cfg.finetune.method != "none":
         print(f"blocks whose reconstruction loss dropped: {improved}/{len(blocks)}")
     for source, ppl in report.get("eval_dense", {}).items():
         print(f"dense perplexity on {source}: {ppl:.3f}")

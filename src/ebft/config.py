@@ -15,6 +15,10 @@ from ebft.errors import UsageError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+#: Methods that fine-tune the whole pruned model after pruning, not block by block (see ebft.finetune.lora).
+MODEL_FINETUNERS = frozenset({"lora"})
+#: LoRA's default targets: every linear layer of a decoder block (attention and MLP).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def parse_nm(text: str | None) -> tuple[int, int] | None:
@@ -87,10 +91,15 @@ class CalibConfig:
 
 @dataclass
 class FinetuneConfig:
-    """How each pruned block is repaired."""
+    """How the pruned model is repaired: block by block (ebft, dsnot, ...) or end to end (lora)."""
 
-    method: str = field(default="ebft", metadata={"help": "none, ebft (weights) or dsnot (training-free mask refinement)"})
-    epochs: int = field(default=10, metadata={"help": "passes over the calibration windows per block"})
+    method: str = field(
+        default="ebft",
+        metadata={"help": "none, ebft (weights), ebft-mask (mask tuning), dsnot (training-free mask refinement) or lora (whole-model baseline)"},
+    )
+    epochs: int = field(
+        default=10, metadata={"help": "passes over the calibration windows per block (lora: over the whole set)"}
+    )
     lr: float = field(default=2e-4, metadata={"help": "peak AdamW learning rate (linearly decayed to 0)"})
     batch_size: int = field(default=8, metadata={"help": "calibration windows per optimizer step"})
     betas: tuple[float, float] = field(default=(0.9, 0.95), metadata={"help": "AdamW betas"})
@@ -99,12 +108,19 @@ class FinetuneConfig:
     precision: str = field(
         default="auto", metadata={"help": "training precision: auto, fp32, bf16 or fp16 (autocast, fp32 master weights)"}
     )
+    lora_rank: int = field(default=8, metadata={"help": "lora: rank of the adapters"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "lora: scaling numerator (the update is alpha/rank * BA)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "lora: dropout on the adapters' inputs, in [0, 1)"})
+    lora_targets: tuple[str, ...] = field(
+        default=LORA_TARGETS, metadata={"help": "lora: names of the decoder-block linear layers that get adapters"}
+    )
 
     def __post_init__(self) -> None:
         from ebft.finetune import FINETUNERS
 
-        if self.method not in FINETUNERS:
-            raise UsageError(f"--finetune {self.method!r} is unknown; choose one of: {', '.join(sorted(FINETUNERS))}")
+        if self.method not in FINETUNERS and self.method not in MODEL_FINETUNERS:
+            known = ", ".join(sorted({*FINETUNERS, *MODEL_FINETUNERS}))
+            raise UsageError(f"--finetune {self.method!r} is unknown; choose one of: {known}")
         _positive_int(self.epochs, "--epochs")
         _positive_int(self.batch_size, "--batch-size")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
@@ -118,6 +134,21 @@ class FinetuneConfig:
             raise UsageError(f"--grad-clip must be >= 0 (0 disables clipping); got {self.grad_clip!r}")
         if self.precision not in PRECISIONS:
             raise UsageError(f"--precision {self.precision!r} is unknown; choose one of: {', '.join(PRECISIONS)}")
+        _positive_int(self.lora_rank, "--lora-rank")
+        if isinstance(self.lora_alpha, bool) or not (
+            isinstance(self.lora_alpha, (int, float)) and math.isfinite(self.lora_alpha) and self.lora_alpha > 0
+        ):
+            raise UsageError(f"--lora-alpha must be a positive number; got {self.lora_alpha!r}")
+        if not (isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0):
+            raise UsageError(f"--lora-dropout must be in [0, 1); got {self.lora_dropout!r}")
+        if isinstance(self.lora_targets, str):
+            self.lora_targets = tuple(t.strip() for t in self.lora_targets.split(","))
+        if isinstance(self.lora_targets, (list, tuple)):
+            self.lora_targets = tuple(self.lora_targets)
+        if not isinstance(self.lora_targets, tuple) or not self.lora_targets or not all(isinstance(t, str) and t.strip() and "," not in t for t in self.lora_targets):
+            raise UsageError(
+                f"--lora-targets expects comma-separated layer names such as q_proj,v_proj; got {self.lora_targets!r}"
+            )
 
 
 @dataclass

@@ -143,10 +143,9 @@ def prune_and_finetune(
         else:
             with calibration_context(model):
                 untuned = {k: v.detach().clone() for k, v in block.state_dict().items()}
+                untuned_masks = {k: v.clone() for k, v in block_masks.items()}
                 init_loss = run_block(block, hidden, kwargs, forward_batch_size, targets=targets)
             result = tuner.tune(block, hidden, targets, block_masks, kwargs, index, dense_weights=dense_weights)
-            for name in linears:  # mask-refining tuners (DSnoT) change the masks in place
-                masks[name] = block_masks[name[len(prefix):] + ".weight"].cpu()
             with calibration_context(model):
                 # each batch is compared with its targets before its outputs overwrite them
                 final_loss = run_block(block, hidden, kwargs, forward_batch_size, out=targets, targets=targets)
@@ -157,8 +156,12 @@ def prune_and_finetune(
                 else:
                     logger.warning("block %d: %s; restoring its untuned pruned weights", index, result.restored)
                     block.load_state_dict(untuned)
+                    for key, mask in untuned_masks.items():
+                        block_masks[key].copy_(mask)
                     final_loss = init_loss
                     run_block(block, hidden, kwargs, forward_batch_size, out=hidden)
+            for name in linears:  # mask-refining tuners (DSnoT, ebft-mask) change the masks in place
+                masks[name] = block_masks[name[len(prefix):] + ".weight"].cpu()
             report = BlockReport(
                 index, init_loss, final_loss, 0.0, result.train_seconds, result.steps,
                 result.losses, result.restored,

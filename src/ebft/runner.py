@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import platform
 import time
@@ -45,6 +46,10 @@ def validate_inputs(cfg: RunConfig, overwrite: bool = False) -> None:
     for source in cfg.eval.sources:
         parse_source(source)
     resolve_device(cfg.device)
+    if cfg.finetune.method == "lora":
+        from ebft.finetune.lora import import_peft
+
+        import_peft()
     config = load_config(cfg.model)
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -88,6 +93,11 @@ def run_prune(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer: tupl
     else:
         (model, tokenizer), resolved = model_and_tokenizer, cfg.model
     check_nm_divisible(find_blocks(model), cfg.prune.nm)
+    lora = cfg.finetune.method == "lora"
+    if lora:
+        from ebft.finetune.lora import check_lora
+
+        check_lora(model, cfg.finetune)
     timings["load"] = time.perf_counter() - t0
 
     t = time.perf_counter()
@@ -122,9 +132,17 @@ def run_prune(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer: tupl
 
     t = time.perf_counter()
     torch.manual_seed(cfg.calib.seed)
-    result = prune_and_finetune(model, calib, cfg.prune, cfg.finetune, device, seed=cfg.calib.seed)
+    block_finetune = dataclasses.replace(cfg.finetune, method="none") if lora else cfg.finetune
+    result = prune_and_finetune(model, calib, cfg.prune, block_finetune, device, seed=cfg.calib.seed)
     timings["prune_finetune"] = time.perf_counter() - t
     report["blocks"] = result.block_dicts()
+    if lora:
+        from ebft.finetune.lora import lora_finetune
+
+        t = time.perf_counter()
+        model, lora_result = lora_finetune(model, calib, result.masks, cfg.finetune, device, seed=cfg.calib.seed)
+        timings["lora"] = time.perf_counter() - t
+        report["lora"] = lora_result.to_dict()
     stats = mask_stats(result.masks)
     linears = find_blocks(model).all_linears()
     zeros = sum(weight_sparsity(linears[n].weight.data) * linears[n].weight.numel() for n in linears)

@@ -41,7 +41,7 @@ def test_prune_config() -> None:
 @pytest.mark.parametrize(
     "kwargs,flag",
     [
-        (dict(method="lora"), "--finetune"),
+        (dict(method="lora9"), "--finetune"),
         (dict(epochs=0), "--epochs"),
         (dict(epochs=True), "--epochs"),
         (dict(batch_size=0), "--batch-size"),

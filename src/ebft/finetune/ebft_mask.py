@@ -1,0 +1,338 @@
+"""EBFT mask tuning (the EBFT paper's ablation): learn which dense weights to keep, not their values.
+
+Every masked linear layer's weight is fixed at its dense value W; what is learned is a real-valued
+score S per weight (same shape). The forward pass uses ``W * topk(S)``, a hard mask at exactly the
+incoming mask's sparsity and structure (see :func:`detect_structure`):
+
+* N:M masks (every group of M inputs keeps N): N per group;
+* row-uniform masks (every output row keeps the same count): that count per row;
+* anything else: the layer's total count.
+
+Straight-through estimator: the backward pass treats the mask as if it were S itself, so
+``dL/dS = dL/dW_eff * W`` (:class:`_StraightThrough`).
+
+Score scale. Scores are dimensionless, not O(|W|): they start at
+
+    S0 = margin * (keep + 0.5 * |W| / max|W|)        (max over the layer)
+
+so kept scores lie in [margin, 1.5 margin], pruned ones in [0, 0.5 margin]: the starting mask is
+exactly the pruner's, and |W| breaks ties (of two pruned weights the larger is closer to coming
+back). AdamW moves each score by about ``lr`` per step whatever the gradient's size, so ``lr`` reads
+as "score change per step" and ``margin`` as the distance to cross: a kept and a pruned weight
+swap after about (0.5 .. 1.5) * margin / (2 lr) consistently signed steps. With the default
+margin 1e-2 and FinetuneConfig's default lr 2e-4 over 10 epochs of 16 steps (linear decay: at most
+~80 lr = 0.016 per score), every pair can swap if its gradients agree, and noise alone rarely
+swaps one. Larger ``lr`` -> more swaps.
+
+Loss, optimizer, schedule, precision and seeding follow :mod:`ebft.finetune.ebft`. At the end the
+block's weights become ``W * mask`` (pruned entries exactly 0.0, kept entries exactly W) and the
+``masks`` tensors are updated in place; if that does not lower the block's output MSE against
+``targets`` (no-grad passes over ``inputs``), or the loss or scores went non-finite, the starting
+masks and weights are put back and ``restored`` says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from tqdm.auto import tqdm
+
+from ebft.errors import EbftError
+from ebft.finetune.base import (
+    BlockFinetuner,
+    BlockResult,
+    autocast_context,
+    block_device,
+    call_block,
+    register_finetuner,
+    resolve_precision,
+    run_block,
+)
+from ebft.finetune.dsnot import detect_nm
+from ebft.finetune.ebft import _fused_kwargs
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "EBFTMask",
+    "MaskStructure",
+    "detect_structure",
+    "init_scores",
+    "masked_weights",
+    "ste_mask",
+    "topk_mask",
+]
+
+TIE_BREAK = 0.5  # |W| tie-break span of the initial scores, as a fraction of the margin
+
+
+@dataclass(frozen=True)
+class MaskStructure:
+    """What a learned mask must preserve: ``kind`` "nm" (n per group of m), "row" (n per row) or "layer" (n in all)."""
+
+    kind: str
+    n: int
+    m: int = 0
+
+
+def detect_structure(keep: Tensor) -> MaskStructure:
+    """The structure of a bool keep-mask [out, in]: N:M (:func:`detect_nm`), else per-row, else per-layer count."""
+    if keep.dim() != 2:
+        raise ValueError(f"a keep-mask must be 2-D [out, in]; got shape {tuple(keep.shape)}")
+    nm = detect_nm(keep)
+    if nm is not None and nm[1] < keep.shape[1]:  # a group as wide as the row is a row count
+        return MaskStructure("nm", nm[0], nm[1])
+    counts = keep.sum(1)
+    if counts.numel() and bool((counts == counts[0]).all()):
+        return MaskStructure("row", int(counts[0]))
+    return MaskStructure("layer", int(keep.sum()))
+
+
+def _keep_top(scores: Tensor, k: int) -> Tensor:
+    """Bool mask keeping the ``k`` highest of ``scores`` along its last dimension."""
+    size = scores.shape[-1]
+    if k >= size:
+        return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if k > 0:
+        keep.scatter_(-1, scores.topk(k, dim=-1, sorted=False).indices, True)
+    return keep
+
+
+@torch.no_grad()
+def topk_mask(scores: Tensor, structure: MaskStructure) -> Tensor:
+    """The hard keep-mask of ``scores`` [out, in] under ``structure``: exact counts (NaN scores rank highest)."""
+    s = torch.nan_to_num(scores.detach().float(), nan=math.inf)
+    rows, cols = s.shape
+    if structure.kind == "nm":
+        return _keep_top(s.reshape(rows, cols // structure.m, structure.m), structure.n).reshape(rows, cols)
+    if structure.kind == "row":
+        return _keep_top(s, structure.n)
+    if structure.kind == "layer":
+        return _keep_top(s.reshape(-1), structure.n).reshape(rows, cols)
+    raise ValueError(f"unknown mask structure {structure.kind!r}")
+
+
+def init_scores(keep: Tensor, dense: Tensor, margin: float) -> Tensor:
+    """S0 = margin * (keep + 0.5 |W| / max|W|), float32: its top-k under any structure of ``keep`` is ``keep``."""
+    magnitude = dense.detach().float().abs()
+    top = magnitude.max() if magnitude.numel() else magnitude.new_tensor(0.0)
+    tie = magnitude / top if float(top) > 0 else torch.zeros_like(magnitude)
+    return margin * (keep.to(device=dense.device, dtype=torch.float32) + TIE_BREAK * tie)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the hard mask; backward: the gradient passes to the scores unchanged."""
+
+    @staticmethod
+    def forward(ctx: Any, scores: Tensor, hard: Tensor) -> Tensor:
+        return hard.to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
+def ste_mask(scores: Tensor, structure: MaskStructure) -> Tensor:
+    """``topk_mask(scores)`` as floats, with d(out)/d(scores) = identity."""
+    return _StraightThrough.apply(scores, topk_mask(scores, structure))
+
+
+class _MaskedDense(nn.Module):
+    """Parametrization of a linear weight as ``dense * ste_mask(scores)``; ignores the stored weight."""
+
+    def __init__(self, dense: Tensor, scores: Tensor, structure: MaskStructure) -> None:
+        super().__init__()
+        self.dense = dense  # plain attributes: nothing extra in the module's state_dict or parameters
+        self.scores = scores
+        self.structure = structure
+
+    def forward(self, original: Tensor) -> Tensor:
+        return self.dense * ste_mask(self.scores, self.structure).to(self.dense.dtype)
+
+
+@contextlib.contextmanager
+def masked_weights(
+    modules: dict[str, nn.Module],
+    dense: dict[str, Tensor],
+    scores: dict[str, Tensor],
+    structures: dict[str, MaskStructure],
+) -> Iterator[None]:
+    """Within the block, each module's ``weight`` reads ``dense * ste_mask(scores)``; always undone on exit.
+
+    The original ``weight`` parameters (same objects) come back untouched, whatever happens inside.
+    """
+    done: list[nn.Module] = []
+    try:
+        for key, module in modules.items():
+            if parametrize.is_parametrized(module, "weight"):
+                raise EbftError(f"ebft-mask: {key} is already parametrized")
+            parametrize.register_parametrization(
+                module, "weight", _MaskedDense(dense[key], scores[key], structures[key])
+            )
+            done.append(module)
+        yield
+    finally:
+        for module in reversed(done):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+
+
+@register_finetuner("ebft-mask")
+class EBFTMask(BlockFinetuner):
+    """Learns the keep-masks of a block's linear layers over its dense weights (config: FinetuneConfig).
+
+    ``margin``: the initial score gap between kept and pruned weights, in units of AdamW steps of
+    size ``lr`` (see the module docstring).
+    """
+
+    needs_dense_weights = True
+
+    def __init__(self, config: Any, seed: int = 0, margin: float = 1e-2) -> None:
+        super().__init__(config, seed)
+        if not (math.isfinite(margin) and margin > 0):
+            raise ValueError(f"ebft-mask margin must be a positive number; got {margin!r}")
+        self.margin = float(margin)
+
+    def tune(
+        self,
+        block: nn.Module,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        masks: dict[str, torch.Tensor],
+        block_kwargs: dict[str, Any],
+        index: int,
+        dense_weights: dict[str, torch.Tensor] | None = None,
+    ) -> BlockResult:
+        if dense_weights is None:
+            raise EbftError("ebft-mask needs the block's dense weights; the pipeline did not pass them")
+        cfg = self.config
+        params = dict(block.named_parameters())
+        missing = [key for key in masks if key not in params or key not in dense_weights]
+        if missing:
+            raise KeyError(f"masks name parameters the block or its dense weights lack: {missing[:3]}")
+        device = block_device(block)
+        precision = resolve_precision(cfg.precision, device)
+        modules = {key: block.get_submodule(key.removesuffix(".weight")) for key in masks}
+        block.train(False)  # no dropout: targets were computed in eval mode
+
+        result = BlockResult()
+        start = time.perf_counter()
+        init_loss = run_block(block, inputs, block_kwargs, cfg.batch_size, targets=targets)
+        saved = {key: (mask.clone(), params[key].detach().clone()) for key, mask in masks.items()}
+        dense = {key: dense_weights[key].to(device=params[key].device, dtype=params[key].dtype) for key in masks}
+        structures = {key: detect_structure(mask) for key, mask in masks.items()}
+        scores = {
+            key: init_scores(mask.to(params[key].device), dense[key], self.margin).requires_grad_(True)
+            for key, mask in masks.items()
+        }
+
+        try:
+            with masked_weights(modules, dense, scores, structures):
+                self._train(block, inputs, targets, block_kwargs, index, list(scores.values()), device, precision,
+                            result)
+        finally:
+            result.train_seconds = time.perf_counter() - start
+        if result.restored is None and not all(bool(torch.isfinite(s).all()) for s in scores.values()):
+            result.restored = "non-finite mask scores"
+        if result.restored is not None:
+            logger.warning("block %d: %s; keeping its starting masks", index, result.restored)
+            _put_back(masks, params, saved)
+            return result
+
+        changed = 0
+        with torch.no_grad():
+            for key, mask in masks.items():
+                new = topk_mask(scores[key], structures[key])
+                changed += int((new != mask.to(new.device)).sum())
+                mask.copy_(new.to(mask.device))
+                params[key].copy_(torch.where(new, dense[key], torch.zeros_like(dense[key])))
+        final_loss = run_block(block, inputs, block_kwargs, cfg.batch_size, targets=targets)
+        total = sum(mask.numel() for mask in masks.values())
+        logger.info("block %d ebft-mask: %d of %d mask entries changed, mse %.5g -> %.5g",
+                    index, changed, total, init_loss, final_loss)
+        if not (math.isfinite(final_loss) and final_loss < init_loss * (1 - 1e-6)):
+            result.restored = f"mask tuning did not lower the loss ({final_loss:.4g} >= {init_loss:.4g})"
+            _put_back(masks, params, saved)
+        result.train_seconds = time.perf_counter() - start
+        return result
+
+    def _train(
+        self,
+        block: nn.Module,
+        inputs: Tensor,
+        targets: Tensor,
+        block_kwargs: dict[str, Any],
+        index: int,
+        scores: list[Tensor],
+        device: torch.device,
+        precision: str,
+        result: BlockResult,
+    ) -> None:
+        """AdamW on ``scores`` with a linear decay; fills ``result`` (``restored`` on a non-finite loss)."""
+        cfg = self.config
+        optimizer = torch.optim.AdamW(
+            scores, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **_fused_kwargs(device)
+        )
+        nsamples = inputs.shape[0]
+        steps_per_epoch = math.ceil(nsamples / cfg.batch_size)
+        total_steps = cfg.epochs * steps_per_epoch
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total_steps)
+        scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        progress = tqdm(total=total_steps, desc=f"block {index} ebft-mask", leave=False, disable=None)
+        try:
+            for epoch in range(cfg.epochs):
+                order = torch.randperm(nsamples, generator=generator)
+                epoch_loss = 0.0
+                for step in range(steps_per_epoch):
+                    idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+                    x = inputs[idx].to(device, non_blocking=True)
+                    y = targets[idx].to(device, non_blocking=True)
+                    with autocast_context(device, precision):
+                        out = call_block(block, x, block_kwargs)
+                    loss = torch.nn.functional.mse_loss(out.float(), y.float())
+                    if not torch.isfinite(loss):
+                        result.restored = f"non-finite loss at epoch {epoch + 1}, step {step + 1}"
+                        return
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                        scaler.unscale_(optimizer)
+                    else:
+                        loss.backward()
+                    if cfg.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(scores, cfg.grad_clip)
+                    if scaler is not None:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()
+                    epoch_loss += float(loss.detach())
+                    result.steps += 1
+                    result.tokens += x.shape[0] * x.shape[1]
+                    progress.update(1)
+                    progress.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{float(loss.detach()):.4g}")
+                result.losses.append(epoch_loss / steps_per_epoch)
+                logger.debug("block %d epoch %d/%d loss %.6g", index, epoch + 1, cfg.epochs, result.losses[-1])
+        finally:
+            progress.close()
+            for s in scores:
+                s.grad = None
+
+
+@torch.no_grad()
+def _put_back(masks: dict[str, Tensor], params: dict[str, Tensor], saved: dict[str, tuple[Tensor, Tensor]]) -> None:
+    """Restore the starting masks (in place) and weights."""
+    for key, (mask, weight) in saved.items():
+        masks[key].copy_(mask)
+        params[key].copy_(weight)

@@ -1,0 +1,251 @@
+"""LoRA baseline: fine-tune the whole pruned model end to end with low-rank adapters (``--finetune lora``).
+
+Unlike the block tuners, this runs after pruning is finished (block-wise, without block tuning):
+
+1. wrap the decoder blocks' linear layers (not the embeddings or ``lm_head``) in ``peft`` LoRA adapters;
+2. train only the adapters with the causal-LM loss on the calibration windows (AdamW, linear decay to 0,
+   gradient-norm clipping, autocast as :func:`~ebft.finetune.base.resolve_precision` says);
+3. merge the adapters into the weights (``merge_and_unload``) and multiply every pruned layer by its
+   keep-mask: the merged update ``alpha/r * BA`` is dense, so masking it keeps the model exactly as
+   sparse as the pruned one. A pruned weight that is not exactly 0.0 afterwards is an error.
+
+Memory: this is whole-model backpropagation, so the activations of every block for a batch of windows
+live at once (on top of the full model and the adapters' optimizer state). That is what the comparison
+with block-wise EBFT, which only ever holds one block, is about.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ebft.config import FinetuneConfig
+from ebft.errors import EbftError, UsageError
+from ebft.finetune.base import autocast_context, resolve_precision
+from ebft.models.adapter import find_blocks
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoraResult:
+    """What LoRA fine-tuning did; ``losses`` is the mean training loss of each epoch."""
+
+    losses: list[float] = field(default_factory=list)
+    steps: int = 0
+    seconds: float = 0.0
+    trainable_parameters: int = 0
+    targets: int = 0  # number of linear layers with adapters
+    init_loss: float = float("nan")  # causal-LM loss on the calibration windows before LoRA
+    final_loss: float = float("nan")  # the same after merging and re-masking
+    restored: str | None = None  # why the adapters were dropped instead of merged, if they were
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "seconds": self.seconds,
+            "steps": self.steps,
+            "losses": self.losses,
+            "trainable_parameters": self.trainable_parameters,
+            "targets": self.targets,
+            "init_loss": self.init_loss,
+            "final_loss": self.final_loss,
+            "restored": self.restored,
+        }
+
+
+def import_peft() -> Any:
+    """The ``peft`` module, or a one-line error saying how to install it."""
+    try:
+        import peft
+    except ImportError:
+        raise EbftError("--finetune lora needs peft; install peft (pip install 'ebft[lora]')") from None
+    return peft
+
+
+def lora_target_names(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
+    """Full names of the decoder-block linear layers whose last name component is in ``targets``."""
+    linears = find_blocks(model).all_linears()
+    names = [name for name in linears if name.rsplit(".", 1)[-1] in targets]
+    present = {name.rsplit(".", 1)[-1] for name in linears}
+    missing = [t for t in targets if t not in present]
+    if missing:
+        raise UsageError(
+            f"--lora-targets {','.join(missing)} matches no linear layer of the decoder blocks; "
+            f"they have: {','.join(sorted(present))}"
+        )
+    return names
+
+
+def check_lora(model: nn.Module, cfg: FinetuneConfig) -> None:
+    """Everything that can fail before pruning: peft is installed and the targets exist."""
+    import_peft()
+    lora_target_names(model, cfg.lora_targets)
+
+
+@torch.no_grad()
+def causal_lm_loss(model: nn.Module, calib_ids: torch.Tensor, device: torch.device, batch_size: int) -> float:
+    """Mean causal-LM loss of ``model`` (already on ``device``) over the windows, in fp32 and eval mode."""
+    was_training = model.training
+    model.train(False)
+    total, count = 0.0, 0
+    try:
+        for start in range(0, calib_ids.shape[0], batch_size):
+            ids = calib_ids[start : start + batch_size].to(device)
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            total += float(loss) * ids.shape[0]
+            count += ids.shape[0]
+    finally:
+        model.train(was_training)
+    return total / count
+
+
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Zero every pruned weight (``weight *= mask``) and check that each is exactly 0.0 afterwards."""
+    linears = find_blocks(model).all_linears()
+    unknown = set(masks) - set(linears)
+    if unknown:
+        raise EbftError(f"masks name layers the model does not have: {sorted(unknown)[:3]}")
+    with torch.no_grad():
+        for name, mask in masks.items():
+            weight = linears[name].weight
+            mask = mask.to(weight.device)
+            weight.mul_(mask)
+            bad = int((weight[~mask] != 0).sum())  # NaN * 0 is NaN, which this counts too
+            if bad:
+                raise EbftError(f"{name}: {bad} pruned weights are not 0.0 after merging the LoRA adapters")
+
+
+def lora_finetune(
+    model: nn.Module,
+    calib_ids: torch.Tensor,  # [nsamples, seqlen] token ids
+    masks: dict[str, torch.Tensor],  # full module name -> bool keep-mask
+    cfg: FinetuneConfig,
+    device: torch.device,
+    seed: int = 0,
+) -> tuple[nn.Module, LoraResult]:
+    """Train LoRA adapters on the whole pruned ``model``, merge them, re-apply ``masks``.
+
+    Returns the plain model (no ``peft`` wrappers left; the same object as ``model``, on the CPU) and
+    what training did. ``cfg.epochs`` counts passes over all windows, ``cfg.batch_size`` windows make a step.
+    """
+    peft = import_peft()
+    target_names = lora_target_names(model, cfg.lora_targets)
+    precision = resolve_precision(cfg.precision, device)
+    result = LoraResult(targets=len(target_names))
+    start = time.perf_counter()
+
+    model.requires_grad_(False)
+    model.to(device)
+    result.init_loss = causal_lm_loss(model, calib_ids, device, cfg.batch_size)
+
+    torch.manual_seed(seed)  # the adapters' A matrices are initialised randomly
+    lora_config = peft.LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=target_names,  # full names: exactly these layers, never lm_head or the embeddings
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    with warnings.catch_warnings():
+        # peft asks transformers a deprecated question; not the user's concern
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = peft.get_peft_model(model, lora_config)
+    merged = False
+    try:
+        trainable = [p for p in peft_model.parameters() if p.requires_grad]
+        result.trainable_parameters = sum(p.numel() for p in trainable)
+        logger.info("lora: rank %d on %d layers, %d trainable parameters, precision %s",
+                    cfg.lora_rank, len(target_names), result.trainable_parameters, precision)
+        _train(peft_model, trainable, calib_ids, cfg, device, precision, seed, result)
+        if result.restored is None:
+            model = peft_model.merge_and_unload()
+            merged = True
+        else:
+            logger.warning("lora: %s; dropping the adapters, the model stays as pruned", result.restored)
+            model = peft_model.unload()
+    except BaseException:
+        if not merged:
+            peft_model.unload()  # leave the caller a plain model
+        raise
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    model.requires_grad_(False)
+    apply_masks(model, masks)
+    result.final_loss = causal_lm_loss(model, calib_ids, device, cfg.batch_size)
+    model.to("cpu")
+    result.seconds = time.perf_counter() - start
+    logger.info("lora: causal-LM loss %.4g -> %.4g (merged and masked) in %.1f s",
+                result.init_loss, result.final_loss, result.seconds)
+    if not math.isfinite(result.final_loss):
+        raise EbftError("the LoRA-tuned model gives a non-finite loss; try a lower --lr")
+    return model, result
+
+
+def _train(
+    model: nn.Module,
+    trainable: list[nn.Parameter],
+    calib_ids: torch.Tensor,
+    cfg: FinetuneConfig,
+    device: torch.device,
+    precision: str,
+    seed: int,
+    result: LoraResult,
+) -> None:
+    """The training loop; fills ``result`` (stops early, setting ``result.restored``, on a non-finite loss)."""
+    optimizer = torch.optim.AdamW(
+        trainable, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+        **({"fused": True} if device.type in ("cuda", "cpu", "mps") else {}),
+    )
+    nsamples = calib_ids.shape[0]
+    steps_per_epoch = math.ceil(nsamples / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total_steps)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    generator = torch.Generator().manual_seed(seed)
+    progress = tqdm(total=total_steps, desc="lora", leave=False, disable=None)
+    was_training = model.training
+    model.train(True)  # for the adapters' dropout
+    try:
+        for epoch in range(cfg.epochs):
+            order = torch.randperm(nsamples, generator=generator)
+            epoch_loss = 0.0
+            for step in range(steps_per_epoch):
+                ids = calib_ids[order[step * cfg.batch_size : (step + 1) * cfg.batch_size]].to(device)
+                with autocast_context(device, precision):
+                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                loss = loss.float()
+                if not torch.isfinite(loss):
+                    result.restored = f"non-finite loss at epoch {epoch + 1}, step {step + 1}"
+                    return
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                else:
+                    loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                epoch_loss += float(loss.detach())
+                result.steps += 1
+                progress.update(1)
+                progress.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{float(loss.detach()):.4g}")
+            result.losses.append(epoch_loss / steps_per_epoch)
+            logger.info("lora epoch %d/%d: mean loss %.5g", epoch + 1, cfg.epochs, result.losses[-1])
+    finally:
+        progress.close()
+        model.train(was_training)
