@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 DEMO_MODEL = "smollm2-135m"
 DEMO_CALIB = CalibConfig(source="pydoc:train", nsamples=64, seqlen=256, seed=0)
 DEMO_EVAL = EvalConfig(sources=["pydoc:test"], seqlen=512, max_windows=16)
-DEMO_FINETUNE = FinetuneConfig(method="ebft", epochs=2, lr=1e-3, batch_size=8)
+DEMO_FINETUNE = FinetuneConfig(method="ebft", epochs=4, lr=1e-3, batch_size=4)
 
 
 def run_demo(out: Path, device: str = "auto", data_dir: Path | None = None,
