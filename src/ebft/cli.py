@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="hub id, local folder, .gguf file, or the alias smollm2-135m")
     p.add_argument("--out", type=Path, required=True, help="run folder: model/ (HF format) and report.json")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it already holds something")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the unfinished run of --out (same flags) from its last finished block")
     p.add_argument("--pruner", default="wanda", help="magnitude, wanda or sparsegpt (default wanda)")
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights removed, in [0, 1) (default 0.5)")
     p.add_argument("--nm", default=None, help="N:M semi-structured sparsity instead of --sparsity, e.g. 2:4 or 4:8")
@@ -57,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip, 0 disables (default 1.0)")
     p.add_argument("--precision", default="auto", help="training precision: auto, fp32, bf16, fp16 (default auto)")
+    p.add_argument("--holdout-fraction", type=float, default=0.125,
+                   help="calibration windows held out of block tuning; a block that tuning makes worse on them gets "
+                        "its untuned weights back (default 0.125, 0 disables)")
+    p.add_argument("--patience", type=int, default=None,
+                   help="stop a block's tuning after this many epochs without held-out improvement, keeping the "
+                        "best epoch (default: off)")
     p.add_argument("--lora-rank", type=int, default=8, help="lora: adapter rank (default 8)")
     p.add_argument("--lora-alpha", type=float, default=16.0, help="lora: adapter scale numerator, alpha/rank (default 16)")
     p.add_argument("--lora-dropout", type=float, default=0.0, help="lora: dropout on the adapters' inputs (default 0)")
@@ -70,12 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-dense", action="store_true", help="also evaluate the model before pruning")
     _common(p)
 
-    e = sub.add_parser("eval", help="perplexity of a model on a data source")
+    e = sub.add_parser("eval", help="perplexity on a data source and/or zero-shot accuracy on lm-eval tasks")
     e.add_argument("model", help="hub id, local folder (e.g. RUN/model), .gguf file, or smollm2-135m")
-    e.add_argument("--data", required=True, help="source: wikitext2, c4, pydoc, text:PATH, jsonl:PATH")
-    e.add_argument("--seqlen", type=int, default=1024, help="tokens per window (default 1024)")
+    e.add_argument("--data", default=None,
+                   help="perplexity source: wikitext2, c4, pydoc, text:PATH, jsonl:PATH (this and/or --tasks)")
+    e.add_argument("--seqlen", type=int, default=1024, help="tokens per perplexity window (default 1024)")
     e.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
-    e.add_argument("--json", type=Path, default=None, help="write {perplexity, tokens, windows} to this file")
+    e.add_argument("--tasks", default=None,
+                   help="zero-shot tasks, comma-separated: boolq, rte, winogrande, arc_easy, arc_challenge, "
+                        "openbookqa, piqa, hellaswag")
+    e.add_argument("--limit", type=int, default=None,
+                   help="score only the first N examples of each task, in the split's file order")
+    e.add_argument("--zeroshot-backend", default="auto",
+                   help="auto (lm-eval when installed and the hub answers, else local files), harness or local")
+    e.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass for --tasks (default 8)")
+    e.add_argument("--json", type=Path, default=None,
+                   help="write the results to this file: {perplexity, tokens, windows} and/or {tasks, mean_acc}")
     _common(e)
 
     d = sub.add_parser("demo", help="offline demo: SmolLM2-135M, Wanda 50%% + EBFT, on CPython's documentation")
@@ -94,6 +112,7 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
         finetune=FinetuneConfig(
             method=args.finetune, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
             weight_decay=args.weight_decay, grad_clip=args.grad_clip, precision=args.precision,
+            holdout_fraction=args.holdout_fraction, patience=args.patience,
             lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
             lora_targets=args.lora_targets,
         ),
@@ -108,7 +127,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from ebft.runner import run_prune
 
     cfg = _run_config(args)
-    report = run_prune(cfg, overwrite=args.overwrite)
+    report = run_prune(cfg, overwrite=args.overwrite, resume=args.resume)
     blocks = report["blocks"]
     improved = sum(1 for b in blocks if b["final_loss"] < b["init_loss"])
     print(f"pruned {report['model']['source']} to {report['sparsity']['overall']:.2%} sparsity "
@@ -119,6 +138,13 @@ def _cmd_prune(args: argparse.Namespace) -> int:
               f"{lora['init_loss']:.4f} -> {lora['final_loss']:.4f} (merged, masks re-applied)")
     elif cfg.finetune.method != "none":
         print(f"blocks whose reconstruction loss dropped: {improved}/{len(blocks)}")
+        restored = [str(b["index"]) for b in blocks if b.get("restored")]
+        if restored:
+            print(f"blocks given back their untuned pruned weights (see 'restored' in report.json): "
+                  f"{', '.join(restored)}")
+    if report.get("resumed"):
+        done = ", ".join(str(n) for n in report["resumed"])
+        print(f"resumed {len(report['resumed'])} time(s), with {done} block(s) already finished")
     for source, ppl in report.get("eval_dense", {}).items():
         print(f"dense perplexity on {source}: {ppl:.3f}")
     for source, ppl in report["eval"].items():
@@ -134,27 +160,69 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from ebft.models import load_model
     from ebft.runner import resolve_device
 
-    if args.seqlen < 2:
-        raise UsageError(f"--seqlen must be at least 2; got {args.seqlen}")
-    cfg = EvalConfig(sources=[args.data], seqlen=args.seqlen, max_windows=args.max_windows)
-    parse_source(args.data)
+    if args.data is None and args.tasks is None:
+        raise UsageError("give --data SOURCE (perplexity), --tasks LIST (zero-shot accuracy), or both")
+    cfg = None
+    if args.data is not None:
+        if args.seqlen < 2:
+            raise UsageError(f"--seqlen must be at least 2; got {args.seqlen}")
+        cfg = EvalConfig(sources=[args.data], seqlen=args.seqlen, max_windows=args.max_windows)
+        parse_source(args.data)
+    tasks, backend, plan = None, None, None
+    if args.tasks is not None:
+        from ebft.eval.zeroshot import parse_tasks, plan_local, select_backend
+
+        tasks = parse_tasks(args.tasks)
+        if args.limit is not None and args.limit < 1:
+            raise UsageError(f"--limit must be a positive whole number; got {args.limit}")
+        if args.batch_size < 1:
+            raise UsageError(f"--batch-size must be a positive whole number; got {args.batch_size}")
+        backend, why = select_backend(args.zeroshot_backend)
+        logger.info("zero-shot back-end: %s (%s)", backend, why)
+        if backend == "local":
+            plan = plan_local(tasks, args.data_dir)  # fails now, before loading the model, if files are missing
     device = resolve_device(args.device)
-    load_documents(args.data, "evaluation", args.data_dir)
+    if args.data is not None:
+        load_documents(args.data, "evaluation", args.data_dir)
     if args.json is not None and args.json.is_dir():
-        raise UsageError(f"--json {args.json} is a folder; give a file path such as {args.json / 'perplexity.json'}")
+        raise UsageError(f"--json {args.json} is a folder; give a file path such as {args.json / 'eval.json'}")
     if args.json is not None and not args.json.parent.is_dir():
         raise UsageError(f"--json {args.json}: folder {args.json.parent} does not exist")
     from ebft.models.loading import load_config
     from ebft.runner import check_context_length
 
-    check_context_length(load_config(args.model), cfg.seqlen, "--seqlen")
+    model_config = load_config(args.model)
+    if cfg is not None:
+        check_context_length(model_config, cfg.seqlen, "--seqlen")
     loaded = load_model(args.model)
-    windows = evaluation_tokens(loaded.tokenizer, args.data, cfg.seqlen, cfg.max_windows, data_dir=args.data_dir)
-    result = perplexity(loaded.model, windows, device=device, desc=f"eval {args.data}")
-    print(f"perplexity on {args.data}: {result.perplexity:.3f} ({result.tokens} tokens, {result.windows} windows "
-          f"of {cfg.seqlen})")
+    summary: dict = {}
+    if cfg is not None:
+        windows = evaluation_tokens(loaded.tokenizer, args.data, cfg.seqlen, cfg.max_windows, data_dir=args.data_dir)
+        result = perplexity(loaded.model, windows, device=device, desc=f"eval {args.data}")
+        print(f"perplexity on {args.data}: {result.perplexity:.3f} ({result.tokens} tokens, {result.windows} windows "
+              f"of {cfg.seqlen})")
+        summary.update(result.to_dict())
+    if tasks is not None:
+        from ebft.eval.zeroshot import evaluate_harness, evaluate_local
+
+        if backend == "harness":
+            zs = evaluate_harness(loaded.model, loaded.tokenizer, tasks, limit=args.limit,
+                                  batch_size=args.batch_size, device=device)
+        else:
+            zs = evaluate_local(loaded.model, loaded.tokenizer, plan.run, data_dir=args.data_dir, limit=args.limit,
+                                batch_size=args.batch_size, device=device)
+            zs.skipped.update(plan.skipped)
+        scope = f"first {args.limit} examples per task" if args.limit is not None else "all examples"
+        print(f"zero-shot accuracy ({zs.backend} back-end, {scope}, {zs.seconds:.0f} s):")
+        for name, r in zs.tasks.items():
+            norm = f"  acc_norm {r.acc_norm:.4f}" if r.acc_norm is not None else ""
+            print(f"  {name:<14} acc {r.acc:.4f}{norm}  (n={r.n})")
+        for name in zs.skipped:
+            print(f"  {name:<14} skipped: not available offline")
+        print(f"mean acc over {len(zs.tasks)} tasks: {zs.mean_acc:.4f}")
+        summary.update(zs.to_dict())
     if args.json is not None:
-        write_json(args.json, result.to_dict())
+        write_json(args.json, summary)
     return 0
 
 
@@ -201,6 +269,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (OSError, MemoryError) as exc:  # disk full, permissions, out of memory: runtime failures
+        if debug:
+            raise
+        print(f"error: {_describe(exc)} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:
+        if debug or type(exc).__name__ != "OutOfMemoryError":  # a bug: keep its traceback
+            raise
+        print(f"error: out of memory: {str(exc).splitlines()[0]}; lower --batch-size or use another --device",
+              file=sys.stderr)
+        return 1
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for an OS-level failure: what failed and on which file."""
+    if isinstance(exc, MemoryError):
+        return "out of memory; lower --nsamples, --seqlen or --batch-size"
+    assert isinstance(exc, OSError)
+    what = exc.strerror or str(exc) or type(exc).__name__
+    return f"{what}: {exc.filename}" if exc.filename else what
 
 
 if __name__ == "__main__":

@@ -108,6 +108,13 @@ class FinetuneConfig:
     precision: str = field(
         default="auto", metadata={"help": "training precision: auto, fp32, bf16 or fp16 (autocast, fp32 master weights)"}
     )
+    holdout_fraction: float = field(
+        default=0.125,
+        metadata={"help": "fraction of the calibration windows held out of block tuning to judge it (0 disables)"},
+    )
+    patience: int | None = field(
+        default=None, metadata={"help": "stop a block's tuning after this many epochs without held-out improvement"}
+    )
     lora_rank: int = field(default=8, metadata={"help": "lora: rank of the adapters"})
     lora_alpha: float = field(default=16.0, metadata={"help": "lora: scaling numerator (the update is alpha/rank * BA)"})
     lora_dropout: float = field(default=0.0, metadata={"help": "lora: dropout on the adapters' inputs, in [0, 1)"})
@@ -134,6 +141,14 @@ class FinetuneConfig:
             raise UsageError(f"--grad-clip must be >= 0 (0 disables clipping); got {self.grad_clip!r}")
         if self.precision not in PRECISIONS:
             raise UsageError(f"--precision {self.precision!r} is unknown; choose one of: {', '.join(PRECISIONS)}")
+        if isinstance(self.holdout_fraction, bool) or not (
+            isinstance(self.holdout_fraction, (int, float)) and 0.0 <= self.holdout_fraction < 1.0
+        ):
+            raise UsageError(
+                f"--holdout-fraction must be in [0, 1) (0 disables the held-out check); got {self.holdout_fraction!r}"
+            )
+        if self.patience is not None:
+            _positive_int(self.patience, "--patience")
         _positive_int(self.lora_rank, "--lora-rank")
         if isinstance(self.lora_alpha, bool) or not (
             isinstance(self.lora_alpha, (int, float)) and math.isfinite(self.lora_alpha) and self.lora_alpha > 0

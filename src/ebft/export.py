@@ -1,4 +1,8 @@
-"""Write run folders atomically: everything goes to a hidden sibling that is renamed at the end."""
+"""Run folders and JSON, written atomically.
+
+``ebft prune`` itself works in a resumable sibling folder (:mod:`ebft.checkpoint`); ``atomic_dir``
+is the one-shot variant (a pid-named sibling, removed on failure) for callers that need no resume.
+"""
 
 from __future__ import annotations
 
@@ -15,15 +19,25 @@ from torch import nn
 from ebft.errors import UsageError
 
 
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse an ``--out`` that holds something already, unless ``overwrite``."""
+def existing_ancestor(path: Path) -> Path:
+    """``path`` itself or its nearest ancestor that exists."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_out_path(out: Path) -> None:
+    """Refuse an ``--out`` that is a file or lies under one."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; choose a folder path")
-    ancestor = out.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
+    ancestor = existing_ancestor(out.parent)
     if not ancestor.is_dir():
         raise UsageError(f"--out {out} cannot be created: {ancestor} is a file; choose a folder path")
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an ``--out`` that holds something already, unless ``overwrite``."""
+    check_out_path(out)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"--out {out} already exists and is not empty; choose another folder or pass --overwrite")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import platform
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -13,15 +14,17 @@ import torch
 from torch import nn
 
 import ebft
-from ebft.config import RunConfig
+from ebft.checkpoint import Checkpoint, fingerprint, plan_run, publish_staged, read_report, work_dir
+from ebft.config import MODEL_FINETUNERS, RunConfig
 from ebft.data import calibration_windows, evaluation_tokens, load_documents, parse_source
 from ebft.errors import EbftError, UsageError
 from ebft.eval import perplexity
-from ebft.export import atomic_dir, check_out_dir, save_model, write_json
+from ebft.export import existing_ancestor, save_model
+from ebft.finetune import FINETUNERS
 from ebft.finetune.base import resolve_precision
 from ebft.models import SUPPORTED_MODEL_TYPES, find_blocks, load_model
 from ebft.models.loading import load_config
-from ebft.pipeline import check_nm_divisible, prune_and_finetune
+from ebft.pipeline import check_nm_divisible, holdout_count, prune_and_finetune
 from ebft.sparsity import mask_stats, weight_sparsity
 
 logger = logging.getLogger(__name__)
@@ -38,14 +41,23 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def validate_inputs(cfg: RunConfig, overwrite: bool = False) -> None:
-    """Every check that needs no model weights: output folder, data sources, model architecture."""
+def validate_inputs(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> str | None:
+    """Every check that needs no model weights: output folder, flags, data sources, model, disk space.
+
+    Returns what ``--out`` allows (see :func:`ebft.checkpoint.plan_run`), or ``None`` without ``--out``.
+    """
+    plan = None
     if cfg.out is not None:
-        check_out_dir(Path(cfg.out), overwrite)
+        plan = plan_run(Path(cfg.out), cfg.to_dict(), overwrite, resume)
+    elif resume:
+        raise UsageError("--resume needs --out, the run folder to continue")
+    check_patience(cfg)
     parse_source(cfg.calib.source)
     for source in cfg.eval.sources:
         parse_source(source)
     resolve_device(cfg.device)
+    if plan in ("finished", "publish"):
+        return plan
     if cfg.finetune.method == "lora":
         from ebft.finetune.lora import import_peft
 
@@ -62,6 +74,78 @@ def validate_inputs(cfg: RunConfig, overwrite: bool = False) -> None:
     load_documents(cfg.calib.source, "calibration", cfg.data_dir)
     for source in cfg.eval.sources:
         load_documents(source, "evaluation", cfg.data_dir)
+    skeleton = meta_model(config)
+    if skeleton is not None:
+        check_nm_divisible(find_blocks(skeleton), cfg.prune.nm)
+    if cfg.out is not None:
+        check_disk_space(Path(cfg.out), estimate_out_bytes(config, cfg.calib.nsamples, cfg.calib.seqlen, skeleton))
+    return plan
+
+
+def check_patience(cfg: RunConfig) -> None:
+    """``--patience`` needs held-out windows and a tuner that trains in epochs."""
+    patience = cfg.finetune.patience
+    if patience is None:
+        return
+    method = cfg.finetune.method
+    tuner = FINETUNERS.get(method)
+    if method in MODEL_FINETUNERS or tuner is None or not tuner.supports_early_stopping:
+        raise UsageError(f"--patience works only with --finetune ebft; got --finetune {method}")
+    if holdout_count(cfg.calib.nsamples, cfg.finetune.holdout_fraction) == 0:
+        raise UsageError("--patience needs held-out windows: use --holdout-fraction above 0 and --nsamples 2 or more")
+
+
+def meta_model(config: Any) -> nn.Module | None:
+    """The model built from its configuration on the meta device (shapes, no weights), or ``None``."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 - only used for estimates and early checks
+        logger.debug("could not build %s on the meta device", type(config).__name__, exc_info=True)
+        return None
+
+
+def count_parameters(config: Any, skeleton: nn.Module | None = None) -> int:
+    """The model's parameter count from its configuration alone (no weights are loaded)."""
+    skeleton = skeleton if skeleton is not None else meta_model(config)
+    if skeleton is not None:
+        return sum(p.numel() for p in skeleton.parameters())
+    hidden = int(getattr(config, "hidden_size", 0) or 0)  # the decoder formula, as an estimate
+    inter = int(getattr(config, "intermediate_size", 4 * hidden) or 0)
+    layers = int(getattr(config, "num_hidden_layers", 0) or 0)
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    return 2 * vocab * hidden + layers * (4 * hidden * hidden + 3 * hidden * inter)
+
+
+def estimate_out_bytes(config: Any, nsamples: int, seqlen: int, skeleton: nn.Module | None = None) -> dict[str, int]:
+    """Disk a run with ``--out`` needs at its peak: the fp32 model (+10%), every block's checkpoint
+    (fp32 weights + bool masks), and two copies of the activations (the old one goes once the new is in)."""
+    params = count_parameters(config, skeleton)
+    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    return {
+        "model": int(params * 4 * 1.1),
+        "block checkpoints": params * 5,
+        "activations": 2 * nsamples * seqlen * hidden * 4,
+    }
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def check_disk_space(out: Path, needed: dict[str, int]) -> None:
+    """Refuse a run whose checkpoints and model would not fit on ``--out``'s file system."""
+    ancestor = existing_ancestor(out.parent)
+    work = work_dir(out)
+    have = sum(f.stat().st_size for f in work.rglob("*") if f.is_file()) if work.is_dir() else 0
+    total = max(0, sum(needed.values()) - have)
+    free = shutil.disk_usage(ancestor).free
+    if free < total:
+        parts = ", ".join(f"{_size(v)} {k}" for k, v in needed.items())
+        raise EbftError(f"not enough disk space for --out {out}: {_size(free)} free, about {_size(total)} needed "
+                        f"({parts}); free some space or choose another --out")
 
 
 def check_context_length(config: Any, seqlen: int, flag: str) -> None:
@@ -80,11 +164,23 @@ def evaluate_all(model: nn.Module, windows: dict[str, torch.Tensor], device: tor
     return results
 
 
-def run_prune(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer: tuple[nn.Module, Any] | None = None) -> dict:
-    """Run the whole job described by ``cfg``; returns the report (also written to ``cfg.out``)."""
+def run_prune(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer: tuple[nn.Module, Any] | None = None,
+              resume: bool = False) -> dict:
+    """Run the whole job described by ``cfg``; returns the report (also written to ``cfg.out``).
+
+    With ``cfg.out``, every finished block is checkpointed next to it (``ebft.checkpoint``); a run
+    that stopped for any reason continues with ``resume=True``. ``cfg.out`` appears only at the end.
+    """
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    validate_inputs(cfg, overwrite)
+    plan = validate_inputs(cfg, overwrite, resume)
+    out = Path(cfg.out) if cfg.out is not None else None
+    if plan == "finished":
+        logger.info("%s already holds this run, finished; nothing to resume", out)
+        return read_report(out)  # type: ignore[arg-type,return-value]
+    if plan == "publish":
+        logger.info("%s: the run had finished; publishing it", out)
+        return publish_staged(out)  # type: ignore[arg-type]
     device = resolve_device(cfg.device)
 
     if model_and_tokenizer is None:
@@ -130,12 +226,43 @@ def run_prune(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer: tupl
         report["eval_dense"] = {s: r["perplexity"] for s, r in dense.items()}
         timings["eval_dense"] = time.perf_counter() - t
 
+    checkpoint = None
+    if out is not None:
+        checkpoint = Checkpoint.open(out, cfg.to_dict(), fingerprint(calib), resume=plan == "resume")
+    try:
+        model = _prune_and_evaluate(cfg, model, calib, eval_windows, device, report, timings, checkpoint)
+        if checkpoint is not None:
+            t = time.perf_counter()
+            checkpoint.stage_model(model, tokenizer, save_model)
+            timings["save"] = time.perf_counter() - t
+            timings["total"] = time.perf_counter() - t0
+            report["timings"] = timings
+            checkpoint.publish(report)
+            logger.info("wrote %s", out)
+        else:
+            timings["total"] = time.perf_counter() - t0
+            report["timings"] = timings
+    except BaseException:
+        if checkpoint is not None:
+            _keep_or_discard(checkpoint, len(find_blocks(model)))
+        raise
+    return report
+
+
+def _prune_and_evaluate(cfg: RunConfig, model: nn.Module, calib: torch.Tensor, eval_windows: dict[str, torch.Tensor],
+                        device: torch.device, report: dict[str, Any], timings: dict[str, float],
+                        checkpoint: Checkpoint | None) -> nn.Module:
+    """Prune + repair (+ LoRA), sparsity statistics and evaluation, into ``report``; returns the model."""
+    lora = cfg.finetune.method == "lora"
     t = time.perf_counter()
     torch.manual_seed(cfg.calib.seed)
     block_finetune = dataclasses.replace(cfg.finetune, method="none") if lora else cfg.finetune
-    result = prune_and_finetune(model, calib, cfg.prune, block_finetune, device, seed=cfg.calib.seed)
+    result = prune_and_finetune(model, calib, cfg.prune, block_finetune, device, seed=cfg.calib.seed,
+                                checkpoint=checkpoint)
     timings["prune_finetune"] = time.perf_counter() - t
     report["blocks"] = result.block_dicts()
+    if checkpoint is not None and checkpoint.resumes:
+        report["resumed"] = checkpoint.resumes  # finished blocks at each resume
     if lora:
         from ebft.finetune.lora import lora_finetune
 
@@ -154,17 +281,14 @@ def run_prune(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer: tupl
     report["eval"] = {s: r["perplexity"] for s, r in details.items()}
     report["eval_details"] = details
     timings["eval"] = time.perf_counter() - t
+    return model
 
-    if cfg.out is not None:
-        t = time.perf_counter()
-        with atomic_dir(Path(cfg.out), overwrite) as tmp:
-            save_model(model, tokenizer, tmp / "model")
-            timings["save"] = time.perf_counter() - t
-            timings["total"] = time.perf_counter() - t0
-            report["timings"] = timings
-            write_json(tmp / "report.json", report)
-        logger.info("wrote %s", cfg.out)
-    else:
-        timings["total"] = time.perf_counter() - t0
-        report["timings"] = timings
-    return report
+
+def _keep_or_discard(checkpoint: Checkpoint, nblocks: int) -> None:
+    """After a failure: keep a work folder that holds finished blocks (and say how to go on), else remove it."""
+    if checkpoint.done == 0:
+        checkpoint.discard()
+        return
+    checkpoint.close()
+    logger.warning("the unfinished run is kept in %s (%d of %d blocks done); rerun with --resume to continue "
+                   "or --overwrite to start over", checkpoint.folder, checkpoint.done, nblocks)

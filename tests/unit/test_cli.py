@@ -215,3 +215,54 @@ def test_help_lists_subcommands(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for command in ("prune", "eval", "demo"):
         assert command in out
+
+
+# ------------------------------------------------------------------ reliability flags (issue 7)
+
+
+def test_reliability_flags_reach_run_prune(tiny_model_dir: Path, text_file: Path, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import ebft.runner
+
+    seen: dict = {}
+
+    def fake_run_prune(cfg, overwrite=False, resume=False, **kwargs):
+        seen.update(cfg=cfg, overwrite=overwrite, resume=resume)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ebft.runner, "run_prune", fake_run_prune)
+    argv = _prune(tiny_model_dir, text_file, "--out", str(tmp_path / "o"), "--resume", "--holdout-fraction", "0.25",
+                  "--patience", "3")
+    assert main(argv) == 130
+    assert seen["resume"] is True and seen["overwrite"] is False
+    assert seen["cfg"].finetune.holdout_fraction == 0.25 and seen["cfg"].finetune.patience == 3
+    assert main(_prune(tiny_model_dir, text_file, "--out", str(tmp_path / "o"))) == 130
+    assert seen["resume"] is False
+    assert seen["cfg"].finetune.holdout_fraction == 0.125 and seen["cfg"].finetune.patience is None
+
+
+def test_os_errors_are_one_line(tiny_model_dir: Path, text_file: Path, tmp_path: Path,
+                                monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A full disk while checkpointing is a runtime failure: one line, exit 1; --debug shows the traceback."""
+    import errno
+
+    import ebft.runner
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
+
+    monkeypatch.setattr(ebft.runner, "run_prune", full)
+    argv = _prune(tiny_model_dir, text_file, "--out", str(tmp_path / "o"))
+    assert main(argv) == 1
+    _assert_one_line_error(capsys.readouterr().err,
+                           f"No space left on device: {tmp_path / 'x'} (rerun with --debug for the traceback)")
+    with pytest.raises(OSError):
+        main([*argv, "--debug"])
+
+
+def test_prune_help_lists_reliability_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--resume", "--holdout-fraction", "--patience", "--overwrite"):
+        assert flag in out

@@ -38,6 +38,7 @@ class BlockFinetuner:
 
     name = "base"
     needs_dense_weights = False  # whether tune() wants the block's weights from before pruning
+    supports_early_stopping = False  # whether tune() takes on_epoch_end (the pipeline's --patience)
 
     def __init__(self, config: Any, seed: int = 0) -> None:
         self.config = config
@@ -52,7 +53,10 @@ class BlockFinetuner:
         block_kwargs: dict[str, Any],  # on the block's device
         index: int,
         dense_weights: dict[str, torch.Tensor] | None = None,  # given when needs_dense_weights
+        on_epoch_end: Callable[[int], bool] | None = None,  # only when supports_early_stopping
     ) -> BlockResult:
+        """Tune ``block`` in place. ``on_epoch_end(epoch)`` (0-based) is called after every epoch;
+        when it returns True, tuning stops there (the caller may then load other weights)."""
         raise NotImplementedError
 
 

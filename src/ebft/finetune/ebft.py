@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -34,6 +35,8 @@ logger = logging.getLogger(__name__)
 class EBFT(BlockFinetuner):
     """Block-wise reconstruction fine-tuning of all of a block's parameters (config: FinetuneConfig)."""
 
+    supports_early_stopping = True
+
     def tune(
         self,
         block: nn.Module,
@@ -43,6 +46,7 @@ class EBFT(BlockFinetuner):
         block_kwargs: dict[str, Any],
         index: int,
         dense_weights: dict[str, torch.Tensor] | None = None,
+        on_epoch_end: Callable[[int], bool] | None = None,
     ) -> BlockResult:
         cfg = self.config
         device = block_device(block)
@@ -113,6 +117,9 @@ class EBFT(BlockFinetuner):
                     progress.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{float(loss.detach()):.4g}")
                 result.losses.append(epoch_loss / steps_per_epoch)
                 logger.debug("block %d epoch %d/%d loss %.6g", index, epoch + 1, cfg.epochs, result.losses[-1])
+                if on_epoch_end is not None and on_epoch_end(epoch) and epoch + 1 < cfg.epochs:
+                    logger.info("block %d: early stop after epoch %d/%d", index, epoch + 1, cfg.epochs)
+                    break
         finally:
             progress.close()
             for p in trainable:

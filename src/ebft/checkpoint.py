@@ -1,0 +1,387 @@
+"""Durable per-block checkpoints, so that a killed ``ebft prune`` continues where it stopped.
+
+A run with ``--out DIR`` works in a stable sibling folder, ``.DIR.partial`` (``work_dir``), that
+survives a crash; ``DIR`` itself appears only at the end, complete (``model/`` + ``report.json``)::
+
+    .DIR.partial/
+      run.json                  the commit record: format, config, calibration fingerprint,
+                                done (finished blocks), blocks (their reports), hidden (file name),
+                                resumes (``done`` at each resume)
+      blocks/00003.safetensors  block 3's tuned state ("param.<name>") and masks ("mask.<module>")
+      hidden-00003.pt           activations leaving block 3 = entering block 4, [nsamples, seqlen, hidden] fp32
+      final/                    model/ + report.json, staged; renamed to DIR as the very last step
+      lock                      flock held by the process working in the folder
+
+Every file is written to a temporary name, fsynced and renamed into place. After block ``i`` the
+block file and the hidden file are written first and ``run.json`` last: a crash before that rename
+leaves the previous commit intact, and files it does not name are ignored (and cleaned up later).
+
+RNG: the pipeline seeds every block from ``(seed, index)`` (tuners their own generators, anything
+else through a forked global generator), so no RNG state has to be carried between blocks.
+
+``EBFT_TEST_KILL_AFTER_BLOCK=k`` (for tests only) makes the process SIGKILL itself right after
+block ``k``'s checkpoint is committed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ebft.errors import EbftError, UsageError
+from ebft.export import check_out_path
+
+logger = logging.getLogger(__name__)
+
+FORMAT = 1
+KILL_ENV = "EBFT_TEST_KILL_AFTER_BLOCK"
+
+#: Config fields that do not change the pruned model and may differ on --resume.
+IGNORED_FIELDS = ("out", "eval", "eval_dense", "data_dir")
+_FLAG_NAMES = {"calib.source": "--calib", "finetune.method": "--finetune", "model": "MODEL"}
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+
+def work_dir(out: Path) -> Path:
+    """The pid-independent work folder of ``--out out``: a hidden sibling, on the same file system."""
+    out = Path(out)
+    return out.parent / f".{out.name}.partial"
+
+
+def flag_name(path: str) -> str:
+    """``finetune.batch_size`` -> ``--batch-size``: the CLI flag that sets a config field."""
+    if path in _FLAG_NAMES:
+        return _FLAG_NAMES[path]
+    return "--" + path.rsplit(".", 1)[-1].replace("_", "-")
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, path + "."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def config_diff(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """The first field that differs between two ``RunConfig.to_dict()``s, as a phrase; ``None`` if equal.
+
+    Fields that do not change the pruned model (``IGNORED_FIELDS``) are not compared.
+    """
+    def keep(path: str) -> bool:
+        return path.split(".", 1)[0] not in IGNORED_FIELDS
+
+    old = {k: v for k, v in _flatten(saved).items() if keep(k)}
+    new = {k: v for k, v in _flatten(current).items() if keep(k)}
+    for path in sorted(old.keys() | new.keys()):
+        if old.get(path, "<unset>") != new.get(path, "<unset>"):
+            return f"{flag_name(path)} was {old.get(path, '<unset>')!r}, now {new.get(path, '<unset>')!r}"
+    return None
+
+
+def fingerprint(calib_ids: torch.Tensor) -> str:
+    """sha256 of the calibration windows: a resumed run must see exactly the same data."""
+    data = calib_ids.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()
+    return hashlib.sha256(data + str(tuple(calib_ids.shape)).encode()).hexdigest()
+
+
+def read_report(folder: Path) -> dict[str, Any] | None:
+    """``folder/report.json`` if it is a readable run report (has a config), else ``None``."""
+    try:
+        report = json.loads((Path(folder) / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return report if isinstance(report, dict) and isinstance(report.get("config"), dict) else None
+
+
+def plan_run(out: Path, config: dict[str, Any], overwrite: bool, resume: bool) -> str:
+    """Decide what ``--out`` allows, before any heavy work; raise ``UsageError`` with what to pass.
+
+    Returns ``"fresh"`` (start over), ``"resume"`` (continue the unfinished run), ``"publish"``
+    (the unfinished run only has to be renamed into place) or ``"finished"`` (``out`` already
+    holds this very run and ``resume`` was asked for: nothing to do).
+    """
+    out = Path(out)
+    if overwrite and resume:
+        raise UsageError("--resume and --overwrite exclude each other; pass only one of them")
+    check_out_path(out)
+    if overwrite:
+        return "fresh"
+    work = work_dir(out)
+    if work.exists():
+        if not resume:
+            raise UsageError(f"--out {out} has an unfinished run (in {work}); "
+                             "pass --resume to continue it or --overwrite to start over")
+        state = _read_state(work)
+        if state is None:
+            return "fresh"  # killed before its first commit: nothing to continue
+        diff = config_diff(state["config"], config)
+        if diff is not None:
+            raise _other_settings(work, diff)
+        return "publish" if read_report(work / "final") is not None else "resume"
+    if out.is_dir() and any(out.iterdir()):
+        report = read_report(out)
+        if report is None:
+            raise UsageError(f"--out {out} already exists and is not empty; choose another folder or pass --overwrite")
+        diff = config_diff(report["config"], config)
+        if diff is not None:
+            raise UsageError(f"--out {out} already holds a different run ({diff}); "
+                             "choose another folder or pass --overwrite to replace it")
+        if not resume:
+            raise UsageError(f"--out {out} already holds this run, finished; "
+                             "pass --resume to keep it or --overwrite to redo it")
+        return "finished"
+    return "fresh"
+
+
+def _other_settings(work: Path, diff: str) -> UsageError:
+    return UsageError(f"--resume: the unfinished run in {work} was started with other settings ({diff}); "
+                      "repeat its flags or pass --overwrite to start over")
+
+
+# ----------------------------------------------------------------------------- durable files
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file (or a folder's entries) to disk."""
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if Path(path).is_dir() else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return  # some file systems do not open folders; the rename is still atomic
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)``, fsync, rename to ``path``, fsync the folder: ``path`` is old or new, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_path(path.parent)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n", encoding="utf-8"))
+
+
+def _read_state(work: Path) -> dict[str, Any] | None:
+    try:
+        state = json.loads((work / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(state, dict) or state.get("format") != FORMAT or not isinstance(state.get("config"), dict):
+        return None
+    return state
+
+
+def _lock(work: Path) -> Any:
+    """An exclusive advisory lock on ``work/lock``; the kernel drops it when the process dies."""
+    handle = open(work / "lock", "a+")  # noqa: SIM115 - held for the life of the checkpoint
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: no lock
+        return handle
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise EbftError(f"another ebft process is working in {work}; wait for it or choose another --out") from None
+    return handle
+
+
+def _maybe_kill(index: int) -> None:
+    """Test hook: ``EBFT_TEST_KILL_AFTER_BLOCK=index`` kills the process like a crash would."""
+    if os.environ.get(KILL_ENV) == str(index):
+        logger.warning("%s=%d: killing the process (test hook)", KILL_ENV, index)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------- the checkpoint
+
+
+class Checkpoint:
+    """The work folder of one run: per-block commits, and the final rename into ``--out``."""
+
+    def __init__(self, out: Path, state: dict[str, Any], lock: Any) -> None:
+        self.out = Path(out)
+        self.folder = work_dir(self.out)
+        self.state = state
+        self._lock = lock
+
+    @classmethod
+    def open(cls, out: Path, config: dict[str, Any], calib_fingerprint: str, resume: bool) -> Checkpoint:
+        """Continue the run in ``work_dir(out)`` when ``resume`` (after checking it), else start a fresh one."""
+        work = work_dir(out)
+        work.parent.mkdir(parents=True, exist_ok=True)
+        work.mkdir(exist_ok=True)
+        lock = _lock(work)
+        try:
+            state = _read_state(work) if resume else None
+            if state is not None:
+                diff = config_diff(state["config"], config)
+                if diff is not None:
+                    raise _other_settings(work, diff)
+                if state["fingerprint"] != calib_fingerprint:
+                    raise EbftError(f"--resume: the calibration windows differ from those of the unfinished run in "
+                                    f"{work} (did the data change?); pass --overwrite to start over")
+                state["resumes"].append(state["done"])
+                state["config"] = config
+                logger.info("resuming %s after %d finished blocks", out, state["done"])
+            else:
+                for entry in work.iterdir():
+                    if entry.name != "lock":
+                        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+                state = {"format": FORMAT, "config": config, "fingerprint": calib_fingerprint, "done": 0,
+                         "blocks": [], "hidden": None, "resumes": []}
+            (work / "blocks").mkdir(exist_ok=True)
+            _write_json(work / "run.json", state)
+        except BaseException:
+            lock.close()
+            raise
+        return cls(out, state, lock)
+
+    @property
+    def done(self) -> int:
+        """How many blocks are finished and saved."""
+        return int(self.state["done"])
+
+    @property
+    def reports(self) -> list[dict[str, Any]]:
+        return list(self.state["blocks"])
+
+    @property
+    def resumes(self) -> list[int]:
+        return list(self.state["resumes"])
+
+    def _block_file(self, index: int) -> Path:
+        return self.folder / "blocks" / f"{index:05d}.safetensors"
+
+    def save_block(self, index: int, block: nn.Module, masks: dict[str, torch.Tensor], hidden: torch.Tensor,
+                   report: dict[str, Any]) -> None:
+        """Commit block ``index``: its state and masks, the activations leaving it, its report."""
+        if index != self.done:
+            raise RuntimeError(f"checkpoint: block {index} finished but {self.done} blocks were saved")
+        tensors = {f"param.{k}": v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}
+        tensors.update({f"mask.{k}": v.detach().to("cpu").contiguous() for k, v in masks.items()})
+        atomic_write(self._block_file(index), lambda tmp: save_file(tensors, str(tmp), metadata={"block": str(index)}))
+        hidden_name = f"hidden-{index:05d}.pt"
+        atomic_write(self.folder / hidden_name, lambda tmp: torch.save(hidden, tmp))
+        previous = self.state["hidden"]
+        self.state.update(done=index + 1, hidden=hidden_name, blocks=[*self.state["blocks"], report])
+        _write_json(self.folder / "run.json", self.state)  # the commit point
+        if previous and previous != hidden_name:
+            (self.folder / previous).unlink(missing_ok=True)
+        _maybe_kill(index)
+
+    def load_blocks(self, blocks: list[nn.Module], prefixes: list[str]) -> dict[str, torch.Tensor]:
+        """Put the saved state into the first ``done`` blocks; returns their masks by full module name."""
+        masks: dict[str, torch.Tensor] = {}
+        if self.done > len(blocks):
+            raise EbftError(f"the unfinished run in {self.folder} has {self.done} blocks, the model {len(blocks)}; "
+                            "pass --overwrite to start over")
+        for index in range(self.done):
+            tensors = load_file(str(self._block_file(index)))
+            state = {k[len("param."):]: v for k, v in tensors.items() if k.startswith("param.")}
+            block_masks = {k[len("mask."):]: v for k, v in tensors.items() if k.startswith("mask.")}
+            try:
+                if not all(name.startswith(prefixes[index]) for name in block_masks):
+                    raise ValueError("mask names")
+                blocks[index].load_state_dict(state, strict=True)
+            except (RuntimeError, ValueError):
+                raise EbftError(f"checkpoint block {index} in {self.folder} does not match the model; "
+                                "pass --overwrite to start over") from None
+            masks.update(block_masks)
+        return masks
+
+    def load_hidden(self, like: torch.Tensor | None = None) -> torch.Tensor:
+        """The activations entering block ``done``."""
+        hidden = torch.load(self.folder / self.state["hidden"], map_location="cpu", weights_only=True)
+        if like is not None and (hidden.shape != like.shape or hidden.dtype != like.dtype):
+            raise EbftError(f"checkpoint activations in {self.folder} have shape {tuple(hidden.shape)}, "
+                            f"expected {tuple(like.shape)}; pass --overwrite to start over")
+        return hidden
+
+    def stage_model(self, model: nn.Module, tokenizer: Any, save_model: Callable[[nn.Module, Any, Path], None]) -> None:
+        """Save the finished model into ``final/model`` (replacing a half-staged one) and fsync it."""
+        final = self.folder / "final"
+        if final.exists():
+            shutil.rmtree(final)
+        final.mkdir()
+        save_model(model, tokenizer, final / "model")
+        for path in sorted((final / "model").rglob("*")):
+            if path.is_file():
+                fsync_path(path)
+        fsync_path(final / "model")
+
+    def publish(self, report: dict[str, Any]) -> None:
+        """Write ``final/report.json`` (the staged run is now complete), then rename ``final/`` to ``out``."""
+        final = self.folder / "final"
+        _write_json(final / "report.json", report)
+        fsync_path(final)
+        publish(self.out)
+        self.close()
+
+    def discard(self) -> None:
+        """Remove the work folder (nothing worth resuming is in it)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._lock.close()
+
+
+def publish_staged(out: Path) -> dict[str, Any]:
+    """Finish a run that was killed after staging ``final/``: publish it and return its report."""
+    work = work_dir(out)
+    lock = _lock(work)
+    try:
+        report = read_report(work / "final")
+        if report is None:
+            raise EbftError(f"{work / 'final'} holds no report; pass --overwrite to start over")
+        publish(out)
+    finally:
+        lock.close()
+    return report
+
+
+def publish(out: Path) -> None:
+    """The last step of a run: ``work_dir(out)/final`` becomes ``out``; the work folder goes away."""
+    out = Path(out)
+    work = work_dir(out)
+    final = work / "final"
+    old = out.parent / f".{out.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    final.rename(out)
+    fsync_path(out.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)

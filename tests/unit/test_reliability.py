@@ -1,0 +1,331 @@
+"""Never worse (held-out check, early stopping), determinism, and the table of bad input in docs/errors.md."""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import re
+import shlex
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import ebft.checkpoint
+from ebft.checkpoint import work_dir
+from ebft.cli import main
+from ebft.config import CalibConfig, EvalConfig, FinetuneConfig, PruneConfig, RunConfig
+from ebft.finetune import FINETUNERS
+from ebft.finetune.base import BlockFinetuner, BlockResult
+from ebft.finetune.ebft import EBFT
+from ebft.models.loading import load_config
+from ebft.pipeline import EarlyStopping, holdout_count, prune_and_finetune, restore_reason
+from ebft.runner import count_parameters, run_prune
+
+CPU = torch.device("cpu")
+
+
+def _calib(n: int = 8, seqlen: int = 16, seed: int = 5) -> torch.Tensor:
+    return torch.randint(0, 258, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def _ebft(**kw) -> FinetuneConfig:
+    return FinetuneConfig(**{"method": "ebft", "epochs": 3, "lr": 2e-3, "batch_size": 2, "precision": "fp32", **kw})
+
+
+def _run_config(model_dir: Path, text: Path, out: Path | None, finetune: FinetuneConfig, seed: int = 0) -> RunConfig:
+    return RunConfig(
+        model=str(model_dir), out=out, prune=PruneConfig("wanda", 0.5),
+        calib=CalibConfig(source=f"text:{text}", nsamples=8, seqlen=32, seed=seed), finetune=finetune,
+        eval=EvalConfig(sources=[f"text:{text}"], seqlen=32, max_windows=4), device="cpu",
+    )
+
+
+# ------------------------------------------------------------------------------ pure pieces
+
+
+def test_holdout_count() -> None:
+    assert holdout_count(256, 0.125) == 32
+    assert holdout_count(8, 0.125) == 1
+    assert holdout_count(4, 0.125) == 1  # at least one window once there are two
+    assert holdout_count(2, 0.9) == 1  # at least one window is left to train on
+    assert holdout_count(1, 0.5) == 0
+    assert holdout_count(64, 0.0) == 0
+
+
+def test_restore_reason() -> None:
+    assert restore_reason(1.0, 0.5, None, None) is None
+    assert "did not lower the loss" in restore_reason(1.0, 1.0, None, None)
+    assert "non-finite" in restore_reason(1.0, math.nan, 1.0, 0.5)
+    assert "non-finite" in restore_reason(1.0, math.inf, None, None)
+    # with held-out windows they decide, whatever the training windows say
+    assert restore_reason(1.0, 0.5, 2.0, 1.5) is None
+    assert "held-out" in restore_reason(1.0, 0.5, 2.0, 2.5)
+    assert "held-out" in restore_reason(1.0, 0.5, 2.0, math.nan)
+    assert restore_reason(1.0, 1.5, 2.0, 1.5) is None
+
+
+def test_early_stopping_keeps_the_best_epoch() -> None:
+    block = nn.Linear(2, 2)
+    scripted = iter([5.0, 4.0, 4.5, 4.6, 1.0])
+    weights = []
+
+    def measure() -> float:
+        weights.append(block.weight.detach().clone())
+        return next(scripted)
+
+    stopper = EarlyStopping(block, measure, baseline=6.0, patience=2)
+    untuned = {k: v.clone() for k, v in block.state_dict().items()}
+    stops = []
+    for epoch in range(4):
+        with torch.no_grad():
+            block.weight.add_(1.0)  # a "training" epoch
+        stops.append(stopper(epoch))
+    assert stops == [False, False, False, True]  # two epochs without beating epoch 2
+    assert stopper.best_epoch == 2 and stopper.losses == [5.0, 4.0, 4.5, 4.6]
+    stopper.keep_best(untuned)
+    assert torch.equal(block.weight, weights[1])
+
+
+def test_early_stopping_without_improvement_goes_back_to_untuned() -> None:
+    block = nn.Linear(2, 2)
+    untuned = {k: v.clone() for k, v in block.state_dict().items()}
+    stopper = EarlyStopping(block, lambda: math.nan, baseline=1.0, patience=1)
+    with torch.no_grad():
+        block.weight.add_(1.0)
+    assert stopper(0) is True and stopper.best_epoch == 0
+    stopper.keep_best(untuned)
+    assert torch.equal(block.weight, untuned["weight"])
+
+
+def test_ebft_stops_when_on_epoch_end_says_so(tiny_llama: nn.Module) -> None:
+    block = tiny_llama.model.layers[0]
+    x = torch.randn(6, 8, 64)
+    with torch.no_grad():
+        y = x + 0.1 * torch.randn_like(x)
+    position_ids = torch.arange(8)[None]
+    kwargs = {"position_ids": position_ids,
+              "position_embeddings": tiny_llama.model.rotary_emb(x, position_ids), "attention_mask": None}
+    calls: list[int] = []
+    tuner = EBFT(_ebft(epochs=5), seed=0)
+    result = tuner.tune(block, x, y, {}, kwargs, 0, on_epoch_end=lambda epoch: calls.append(epoch) or epoch == 1)
+    assert calls == [0, 1]
+    assert len(result.losses) == 2 and result.steps == 2 * 3
+
+
+# ------------------------------------------------------------------------------ never worse
+
+
+def test_absurd_lr_is_restored_and_never_worse(tiny_model_dir: Path, text_file: Path, tmp_path: Path) -> None:
+    """lr 1e3 makes tuning diverge: the run finishes, the blocks are restored, the model is no worse."""
+    plain = run_prune(_run_config(tiny_model_dir, text_file, tmp_path / "plain", FinetuneConfig(method="none")))
+    wild = run_prune(_run_config(tiny_model_dir, text_file, tmp_path / "wild", _ebft(lr=1e3, epochs=2)))
+    assert any(b["restored"] for b in wild["blocks"])
+    for block in wild["blocks"]:
+        assert block["holdout_init_loss"] is not None
+        if block["restored"]:
+            assert block["final_loss"] == block["init_loss"]
+            assert block["holdout_final_loss"] == block["holdout_init_loss"]
+        else:  # kept only if it lowered the held-out loss
+            assert block["holdout_final_loss"] < block["holdout_init_loss"]
+    weights = load_file(str(tmp_path / "wild" / "model" / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    source = f"text:{text_file}"
+    assert math.isfinite(wild["eval"][source])
+    assert wild["eval"][source] <= plain["eval"][source] * (1 + 1e-9)
+    assert wild["sparsity"] == plain["sparsity"]
+
+
+class _Harmful(BlockFinetuner):
+    """Makes every block worse and changes its masks, claiming success; records what it was given."""
+
+    seen: list[int] = []
+
+    def tune(self, block, inputs, targets, masks, block_kwargs, index, dense_weights=None) -> BlockResult:
+        type(self).seen.append(inputs.shape[0])
+        with torch.no_grad():
+            for p in block.parameters():
+                p.mul_(1.5)
+            for mask in masks.values():
+                mask.fill_(True)
+        return BlockResult(losses=[0.0], steps=1)
+
+
+@pytest.mark.parametrize("fraction,reason", [(0.25, "held-out loss"), (0.0, "did not lower the loss")])
+def test_held_out_windows_decide_and_masks_come_back(fraction: float, reason: str, tiny_factory,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(FINETUNERS, "harmful", _Harmful)
+    monkeypatch.setattr(_Harmful, "seen", [])
+    harmed, plain = tiny_factory("llama", num_hidden_layers=3), tiny_factory("llama", num_hidden_layers=3)
+    ids = _calib(8)
+    result = prune_and_finetune(harmed, ids, PruneConfig("wanda", 0.5),
+                                FinetuneConfig(method="harmful", holdout_fraction=fraction), CPU)
+    untuned = prune_and_finetune(plain, ids, PruneConfig("wanda", 0.5),
+                                 FinetuneConfig(method="none", holdout_fraction=fraction), CPU)
+    assert _Harmful.seen == [8 - holdout_count(8, fraction)] * 3  # it only ever saw the training windows
+    for block in result.blocks:
+        assert reason in block.restored
+        assert (block.holdout_init_loss is None) == (fraction == 0)
+    for name in result.masks:
+        assert torch.equal(result.masks[name], untuned.masks[name])
+    a, b = harmed.state_dict(), plain.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_patience_reports_and_stops(tiny_factory) -> None:
+    epochs, patience = 8, 1
+    model = tiny_factory("llama", num_hidden_layers=3)
+    finetune = _ebft(epochs=epochs, lr=2e-3, patience=patience, holdout_fraction=0.25)
+    result = prune_and_finetune(model, _calib(8), PruneConfig("wanda", 0.5), finetune, CPU)
+    assert any(len(b.epoch_losses) < epochs for b in result.blocks)  # the held-out loss turned up: stopped early
+    for block in result.blocks:
+        ran = len(block.epoch_losses)
+        assert len(block.holdout_epoch_losses) == ran
+        assert block.steps == ran * 3  # 6 training windows, batches of 2
+        best = min(range(ran), key=lambda i: block.holdout_epoch_losses[i])
+        if block.holdout_epoch_losses[best] < block.holdout_init_loss:
+            assert block.best_epoch == best + 1
+        else:
+            assert block.best_epoch == 0 and block.restored
+        assert ran == epochs or ran == block.best_epoch + patience
+        if block.restored is None:
+            assert block.holdout_final_loss == pytest.approx(block.holdout_epoch_losses[block.best_epoch - 1], rel=1e-6)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------ determinism
+
+
+def test_same_command_same_bytes(tiny_model_dir: Path, text_file: Path, tmp_path: Path) -> None:
+    finetune = _ebft(epochs=2, patience=1, holdout_fraction=0.25)
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        run_prune(_run_config(tiny_model_dir, text_file, tmp_path / name, finetune, seed=seed))
+    weights = {name: (tmp_path / name / "model" / "model.safetensors").read_bytes() for name in "abc"}
+    assert weights["a"] == weights["b"]
+    assert weights["a"] != weights["c"]  # the seed matters, so the comparison means something
+
+
+def test_count_parameters_from_the_config(tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert count_parameters(load_config(str(tiny_model_dir))) == sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------ docs/errors.md
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "errors.md"
+PRUNE = "prune {model} --calib text:{text} --nsamples 4 --seqlen 32 --epochs 1 --device cpu --threads 1 --out {out}"
+
+
+def _table() -> list:
+    rows = []
+    for line in DOC.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("| ") or line.startswith(("| case ", "| --- ")):
+            continue
+        cells = [cell.strip().replace("\\|", "|") for cell in re.split(r"(?<!\\)\|", line)[1:-1]]
+        case, setup, command, code, message = cells
+        rows.append(pytest.param(setup, command.strip("`"), int(code), message.strip("`"), id=case))
+    return rows
+
+
+ROWS = _table()
+
+
+def test_errors_table_is_well_formed() -> None:
+    text = DOC.read_text(encoding="utf-8")
+    assert f"`{{prune}}` stands for `{PRUNE}`" in text
+    ids = [row.id for row in ROWS]
+    assert len(ids) >= 40 and len(set(ids)) == len(ids)
+
+
+def _snapshot(root: Path) -> list[tuple]:
+    return sorted((str(p.relative_to(root)), p.is_dir(), p.stat().st_size if p.is_file() else 0, p.stat().st_mtime_ns)
+                  for p in root.rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_dir: Path, text_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("finished") / "out"
+    assert main(shlex.split(PRUNE.format(model=tiny_model_dir, text=text_file, out=out)) + ["--quiet"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def unfinished_run(tiny_model_dir: Path, text_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("unfinished") / "out"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ebft.checkpoint, "_maybe_kill", lambda index: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert main(shlex.split(PRUNE.format(model=tiny_model_dir, text=text_file, out=out)) + ["--quiet"]) == 130
+    return work_dir(out)
+
+
+@pytest.fixture
+def held_locks() -> Iterator[list]:
+    handles: list = []
+    yield handles
+    for handle in handles:
+        handle.close()
+
+
+@pytest.mark.parametrize("setup,command,code,message", ROWS)
+def test_errors_table(setup: str, command: str, code: int, message: str, tiny_model_dir: Path, text_file: Path,
+                      short_text_file: Path, tmp_path: Path, request: pytest.FixtureRequest,
+                      monkeypatch: pytest.MonkeyPatch, held_locks: list, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every row of docs/errors.md: the command gets exactly that message and exit code, and changes nothing."""
+    out = tmp_path / "out"
+    values = {"prune": PRUNE, "model": str(tiny_model_dir), "text": str(text_file), "short": str(short_text_file),
+              "out": str(out), "work": str(work_dir(out)), "tmp": str(tmp_path)}
+
+    def fill(text: str) -> str:
+        for key, value in values.items():
+            text = text.replace("{" + key + "}", value)
+        return text
+
+    setups: dict[str, Callable[[], None]] = {
+        "": lambda: None,
+        "files": lambda: (out.mkdir(), (out / "keep.txt").write_text("precious")),
+        "out-file": lambda: out.write_text("precious"),
+        "tmp-file": lambda: (tmp_path / "file").write_text("precious"),
+        "finished": lambda: shutil.copytree(request.getfixturevalue("finished_run"), out),
+        "unfinished": lambda: shutil.copytree(request.getfixturevalue("unfinished_run"), work_dir(out)),
+        "locked": lambda: (setups["unfinished"](), held_locks.append(_hold_lock(work_dir(out) / "lock"))),
+        "disk-full": lambda: monkeypatch.setattr(shutil, "disk_usage", lambda path: _Usage(10**12, 10**12, 0)),
+    }
+    setups[setup]()
+    before = _snapshot(tmp_path)
+    capsys.readouterr()
+    assert main(shlex.split(fill(fill(command)))) == code
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "Traceback" not in captured.err
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1, captured.err
+    pattern = ".*".join(re.escape(fill(part)) for part in message.split("…"))
+    assert re.fullmatch("error: " + pattern, lines[0]), f"\n{lines[0]}\n{message}"
+    assert _snapshot(tmp_path) == before  # a refused command changes nothing
+
+
+_Usage = collections.namedtuple("_Usage", "total used free")
+
+
+def _hold_lock(path: Path):
+    import fcntl
+
+    handle = open(path, "a+")  # noqa: SIM115 - closed by the held_locks fixture
+    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return handle
+
+
+def test_report_records_held_out_losses(tiny_model_dir: Path, text_file: Path, tmp_path: Path) -> None:
+    report = run_prune(_run_config(tiny_model_dir, text_file, tmp_path / "run", _ebft(epochs=2)))
+    saved = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert saved["config"]["finetune"]["holdout_fraction"] == 0.125 and saved["config"]["finetune"]["patience"] is None
+    for block in report["blocks"]:
+        assert {"holdout_init_loss", "holdout_final_loss", "holdout_epoch_losses", "best_epoch"} <= set(block)
+        assert block["steps"] == 2 * 4  # 7 of 8 windows train, in batches of 2
