@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+from ebft.errors import EbftError
 
 FINETUNERS: dict[str, type[BlockFinetuner] | None] = {"none": None}
 
@@ -58,6 +61,48 @@ class BlockFinetuner:
         """Tune ``block`` in place. ``on_epoch_end(epoch)`` (0-based) is called after every epoch;
         when it returns True, tuning stops there (the caller may then load other weights)."""
         raise NotImplementedError
+
+    def masked_layers(
+        self, block: nn.Module, masks: dict[str, torch.Tensor], dense_weights: dict[str, torch.Tensor] | None
+    ) -> tuple[dict[str, nn.Parameter], dict[str, nn.Module], dict[str, torch.Tensor]]:
+        """For tuners that need dense weights: the block's parameters by name, for each masked weight
+        the module that owns it, and ``dense_weights``. Raises when they or a masked name are missing."""
+        if dense_weights is None:
+            raise EbftError(f"{self.name} needs the block's dense weights; the pipeline did not pass them")
+        params = dict(block.named_parameters())
+        missing = [key for key in masks if key not in params or key not in dense_weights]
+        if missing:
+            raise KeyError(f"masks name parameters the block or its dense weights lack: {missing[:3]}")
+        modules = {key: block.get_submodule(key.removesuffix(".weight")) for key in masks}
+        return params, modules, dense_weights
+
+
+MaskedState = dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (keep-mask, weight)
+
+
+def save_masked(masks: dict[str, torch.Tensor], params: dict[str, nn.Parameter]) -> MaskedState:
+    """Copies of the masks and of the weights they apply to, for :func:`restore_masked`."""
+    return {key: (mask.clone(), params[key].detach().clone()) for key, mask in masks.items()}
+
+
+@torch.no_grad()
+def restore_masked(masks: dict[str, torch.Tensor], params: dict[str, nn.Parameter], saved: MaskedState) -> None:
+    """Put back the masks (in place) and weights that :func:`save_masked` copied."""
+    for key, (mask, weight) in saved.items():
+        masks[key].copy_(mask)
+        params[key].copy_(weight)
+
+
+@torch.no_grad()
+def set_mask_(mask: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, dense: torch.Tensor) -> None:
+    """Make ``mask`` (in place) ``keep`` and ``weight`` the ``dense`` weights under it (pruned ones exactly 0.0)."""
+    mask.copy_(keep.to(mask.device))
+    weight.copy_(torch.where(keep, dense, torch.zeros_like(dense)).to(weight.dtype))
+
+
+def loss_lowered(init_loss: float, final_loss: float) -> bool:
+    """Whether a mask change lowered the block's output MSE (by more than a relative 1e-6)."""
+    return math.isfinite(final_loss) and final_loss < init_loss * (1 - 1e-6)
 
 
 def block_device(block: nn.Module) -> torch.device:

@@ -41,7 +41,16 @@ import torch
 from torch import Tensor, nn
 
 from ebft.errors import EbftError
-from ebft.finetune.base import BlockFinetuner, BlockResult, register_finetuner, run_block
+from ebft.finetune.base import (
+    BlockFinetuner,
+    BlockResult,
+    loss_lowered,
+    register_finetuner,
+    restore_masked,
+    run_block,
+    save_masked,
+    set_mask_,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -219,13 +228,7 @@ class DSnoT(BlockFinetuner):
         index: int,
         dense_weights: dict[str, torch.Tensor] | None = None,
     ) -> BlockResult:
-        if dense_weights is None:
-            raise EbftError("dsnot needs the block's dense weights; the pipeline did not pass them")
-        params = dict(block.named_parameters())
-        missing = [key for key in masks if key not in params or key not in dense_weights]
-        if missing:
-            raise KeyError(f"masks name parameters the block or its dense weights lack: {missing[:3]}")
-        modules = {key: block.get_submodule(key.removesuffix(".weight")) for key in masks}
+        params, modules, dense_weights = self.masked_layers(block, masks, dense_weights)
         batch_size = int(getattr(self.config, "batch_size", 8))
         start = time.perf_counter()
         result = BlockResult(tokens=inputs.shape[0] * inputs.shape[1])
@@ -233,7 +236,7 @@ class DSnoT(BlockFinetuner):
         accumulators = {key: _StatsAccumulator() for key in masks}
         with _record_inputs(modules, accumulators):
             init_loss = run_block(block, inputs, block_kwargs, batch_size, targets=targets)
-        saved = {key: (masks[key].clone(), params[key].detach().clone()) for key in masks}
+        saved = save_masked(masks, params)
         err_before = err_after = 0.0
         with torch.no_grad():
             for key, mask in masks.items():
@@ -244,18 +247,14 @@ class DSnoT(BlockFinetuner):
                 new_keep, swaps = dsnot_mask(dense, mask, stats, nm, self.max_cycles, self.threshold, self.var_power)
                 err_before += float(expected_error(dense, mask, stats.mean).abs().sum())
                 err_after += float(expected_error(dense, new_keep, stats.mean).abs().sum())
-                mask.copy_(new_keep.to(mask.device))
-                weight.copy_(torch.where(new_keep, dense, torch.zeros_like(dense)).to(weight.dtype))
+                set_mask_(mask, weight, new_keep, dense)
                 result.steps += swaps
                 logger.debug("block %d %s: %d swaps%s", index, key, swaps, f" (N:M {nm[0]}:{nm[1]})" if nm else "")
         final_loss = run_block(block, inputs, block_kwargs, batch_size, targets=targets)
         logger.info("block %d dsnot: %d swaps, sum|e| %.4g -> %.4g, mse %.5g -> %.5g",
                     index, result.steps, err_before, err_after, init_loss, final_loss)
-        if not final_loss < init_loss * (1 - 1e-6):
+        if not loss_lowered(init_loss, final_loss):
             result.restored = f"dsnot did not lower the loss ({final_loss:.4g} >= {init_loss:.4g})"
-            with torch.no_grad():
-                for key, (mask, weight) in saved.items():
-                    masks[key].copy_(mask)
-                    params[key].copy_(weight)
+            restore_masked(masks, params, saved)
         result.train_seconds = time.perf_counter() - start
         return result

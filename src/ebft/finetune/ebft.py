@@ -9,24 +9,15 @@ weight is exactly 0.0 throughout.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ebft.finetune.base import (
-    BlockFinetuner,
-    BlockResult,
-    autocast_context,
-    block_device,
-    call_block,
-    register_finetuner,
-    resolve_precision,
-)
+from ebft.finetune.base import BlockFinetuner, BlockResult, block_device, register_finetuner, resolve_precision
+from ebft.finetune.loop import block_mse_loss, train_steps
 
 logger = logging.getLogger(__name__)
 
@@ -60,77 +51,37 @@ class EBFT(BlockFinetuner):
         for p in trainable:
             p.requires_grad_(True)
 
-        optimizer = torch.optim.AdamW(
-            trainable, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **_fused_kwargs(device)
-        )
-        nsamples = inputs.shape[0]
-        steps_per_epoch = math.ceil(nsamples / cfg.batch_size)
-        total_steps = cfg.epochs * steps_per_epoch
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total_steps)
-        scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        def mask_grads() -> None:
+            for name, mask in device_masks.items():
+                grad = params[name].grad
+                if grad is not None:
+                    grad.mul_(mask)
+
+        @torch.no_grad()
+        def reapply_masks() -> None:
+            for name, mask in device_masks.items():
+                params[name].mul_(mask)
+
+        def epoch_end(epoch: int, loss: float) -> bool:
+            logger.debug("block %d epoch %d/%d loss %.6g", index, epoch + 1, cfg.epochs, loss)
+            if on_epoch_end is not None and on_epoch_end(epoch) and epoch + 1 < cfg.epochs:
+                logger.info("block %d: early stop after epoch %d/%d", index, epoch + 1, cfg.epochs)
+                return True
+            return False
 
         result = BlockResult()
         start = time.perf_counter()
-        progress = tqdm(total=total_steps, desc=f"block {index} ebft", leave=False, disable=None)
         block.train(False)  # no dropout: targets were computed in eval mode
         try:
-            for epoch in range(cfg.epochs):
-                order = torch.randperm(nsamples, generator=generator)
-                epoch_loss = 0.0
-                for step in range(steps_per_epoch):
-                    idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-                    x = inputs[idx].to(device, non_blocking=True)
-                    y = targets[idx].to(device, non_blocking=True)
-                    with autocast_context(device, precision):
-                        out = call_block(block, x, block_kwargs)
-                    loss = torch.nn.functional.mse_loss(out.float(), y.float())
-                    if not torch.isfinite(loss):
-                        result.restored = f"non-finite loss at epoch {epoch + 1}, step {step + 1}"
-                        logger.warning("block %d: %s; stopping its fine-tuning", index, result.restored)
-                        return result
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
-                        scaler.unscale_(optimizer)
-                    else:
-                        loss.backward()
-                    for name, mask in device_masks.items():
-                        grad = params[name].grad
-                        if grad is not None:
-                            grad.mul_(mask)
-                    if cfg.grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-                    if scaler is not None:
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    scheduler.step()
-                    with torch.no_grad():
-                        for name, mask in device_masks.items():
-                            params[name].mul_(mask)
-                    epoch_loss += float(loss.detach())
-                    result.steps += 1
-                    result.tokens += x.shape[0] * x.shape[1]
-                    progress.update(1)
-                    progress.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{float(loss.detach()):.4g}")
-                result.losses.append(epoch_loss / steps_per_epoch)
-                logger.debug("block %d epoch %d/%d loss %.6g", index, epoch + 1, cfg.epochs, result.losses[-1])
-                if on_epoch_end is not None and on_epoch_end(epoch) and epoch + 1 < cfg.epochs:
-                    logger.info("block %d: early stop after epoch %d/%d", index, epoch + 1, cfg.epochs)
-                    break
+            result.tokens = train_steps(
+                trainable, cfg, device, precision, inputs.shape[0], self.seed * 1_000_003 + index,
+                block_mse_loss(block, inputs, targets, block_kwargs, device, precision), result,
+                desc=f"block {index} ebft", on_grads=mask_grads, after_step=reapply_masks, on_epoch_end=epoch_end,
+            )
+            if result.restored is not None:
+                logger.warning("block %d: %s; stopping its fine-tuning", index, result.restored)
         finally:
-            progress.close()
             for p in trainable:
                 p.requires_grad_(False)
-                p.grad = None
             result.train_seconds = time.perf_counter() - start
         return result
-
-
-def _fused_kwargs(device: torch.device) -> dict[str, bool]:
-    """Use the fused AdamW kernel where this torch build has one for the device."""
-    if device.type in ("cuda", "cpu", "mps"):
-        return {"fused": True}
-    return {}

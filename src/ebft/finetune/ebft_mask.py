@@ -24,16 +24,17 @@ margin 1e-2 and FinetuneConfig's default lr 2e-4 over 10 epochs of 16 steps (lin
 ~80 lr = 0.016 per score), every pair can swap if its gradients agree, and noise alone rarely
 swaps one. Larger ``lr`` -> more swaps.
 
-Loss, optimizer, schedule, precision and seeding follow :mod:`ebft.finetune.ebft`. At the end the
-block's weights become ``W * mask`` (pruned entries exactly 0.0, kept entries exactly W) and the
-``masks`` tensors are updated in place; if that does not lower the block's output MSE against
-``targets`` (no-grad passes over ``inputs``), or the loss or scores went non-finite, the starting
-masks and weights are put back and ``restored`` says why.
+Loss, optimizer, schedule, precision and seeding are :mod:`ebft.finetune.ebft`'s (the shared loop of
+:mod:`ebft.finetune.loop`). At the end the block's weights become ``W * mask`` (pruned entries exactly
+0.0, kept entries exactly W) and the ``masks`` tensors are updated in place; if that does not lower
+the block's output MSE against ``targets`` (no-grad passes over ``inputs``), or the loss or scores
+went non-finite, the starting masks and weights are put back and ``restored`` says why.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -44,21 +45,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
-from tqdm.auto import tqdm
 
 from ebft.errors import EbftError
 from ebft.finetune.base import (
     BlockFinetuner,
     BlockResult,
-    autocast_context,
     block_device,
-    call_block,
+    loss_lowered,
     register_finetuner,
     resolve_precision,
+    restore_masked,
     run_block,
+    save_masked,
+    set_mask_,
 )
 from ebft.finetune.dsnot import detect_nm
-from ebft.finetune.ebft import _fused_kwargs
+from ebft.finetune.loop import block_mse_loss, train_steps
 
 logger = logging.getLogger(__name__)
 
@@ -212,22 +214,16 @@ class EBFTMask(BlockFinetuner):
         index: int,
         dense_weights: dict[str, torch.Tensor] | None = None,
     ) -> BlockResult:
-        if dense_weights is None:
-            raise EbftError("ebft-mask needs the block's dense weights; the pipeline did not pass them")
+        params, modules, dense_weights = self.masked_layers(block, masks, dense_weights)
         cfg = self.config
-        params = dict(block.named_parameters())
-        missing = [key for key in masks if key not in params or key not in dense_weights]
-        if missing:
-            raise KeyError(f"masks name parameters the block or its dense weights lack: {missing[:3]}")
         device = block_device(block)
         precision = resolve_precision(cfg.precision, device)
-        modules = {key: block.get_submodule(key.removesuffix(".weight")) for key in masks}
         block.train(False)  # no dropout: targets were computed in eval mode
 
         result = BlockResult()
         start = time.perf_counter()
         init_loss = run_block(block, inputs, block_kwargs, cfg.batch_size, targets=targets)
-        saved = {key: (mask.clone(), params[key].detach().clone()) for key, mask in masks.items()}
+        saved = save_masked(masks, params)
         dense = {key: dense_weights[key].to(device=params[key].device, dtype=params[key].dtype) for key in masks}
         structures = {key: detect_structure(mask) for key, mask in masks.items()}
         scores = {
@@ -237,15 +233,18 @@ class EBFTMask(BlockFinetuner):
 
         try:
             with masked_weights(modules, dense, scores, structures):
-                self._train(block, inputs, targets, block_kwargs, index, list(scores.values()), device, precision,
-                            result)
+                result.tokens = train_steps(
+                    list(scores.values()), cfg, device, precision, inputs.shape[0], self.seed * 1_000_003 + index,
+                    block_mse_loss(block, inputs, targets, block_kwargs, device, precision), result,
+                    desc=f"block {index} ebft-mask", on_epoch_end=functools.partial(_log_epoch, index, cfg.epochs),
+                )
         finally:
             result.train_seconds = time.perf_counter() - start
         if result.restored is None and not all(bool(torch.isfinite(s).all()) for s in scores.values()):
             result.restored = "non-finite mask scores"
         if result.restored is not None:
             logger.warning("block %d: %s; keeping its starting masks", index, result.restored)
-            _put_back(masks, params, saved)
+            restore_masked(masks, params, saved)
             return result
 
         changed = 0
@@ -253,86 +252,18 @@ class EBFTMask(BlockFinetuner):
             for key, mask in masks.items():
                 new = topk_mask(scores[key], structures[key])
                 changed += int((new != mask.to(new.device)).sum())
-                mask.copy_(new.to(mask.device))
-                params[key].copy_(torch.where(new, dense[key], torch.zeros_like(dense[key])))
+                set_mask_(mask, params[key], new, dense[key])
         final_loss = run_block(block, inputs, block_kwargs, cfg.batch_size, targets=targets)
         total = sum(mask.numel() for mask in masks.values())
         logger.info("block %d ebft-mask: %d of %d mask entries changed, mse %.5g -> %.5g",
                     index, changed, total, init_loss, final_loss)
-        if not (math.isfinite(final_loss) and final_loss < init_loss * (1 - 1e-6)):
+        if not loss_lowered(init_loss, final_loss):
             result.restored = f"mask tuning did not lower the loss ({final_loss:.4g} >= {init_loss:.4g})"
-            _put_back(masks, params, saved)
+            restore_masked(masks, params, saved)
         result.train_seconds = time.perf_counter() - start
         return result
 
-    def _train(
-        self,
-        block: nn.Module,
-        inputs: Tensor,
-        targets: Tensor,
-        block_kwargs: dict[str, Any],
-        index: int,
-        scores: list[Tensor],
-        device: torch.device,
-        precision: str,
-        result: BlockResult,
-    ) -> None:
-        """AdamW on ``scores`` with a linear decay; fills ``result`` (``restored`` on a non-finite loss)."""
-        cfg = self.config
-        optimizer = torch.optim.AdamW(
-            scores, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **_fused_kwargs(device)
-        )
-        nsamples = inputs.shape[0]
-        steps_per_epoch = math.ceil(nsamples / cfg.batch_size)
-        total_steps = cfg.epochs * steps_per_epoch
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total_steps)
-        scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        progress = tqdm(total=total_steps, desc=f"block {index} ebft-mask", leave=False, disable=None)
-        try:
-            for epoch in range(cfg.epochs):
-                order = torch.randperm(nsamples, generator=generator)
-                epoch_loss = 0.0
-                for step in range(steps_per_epoch):
-                    idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-                    x = inputs[idx].to(device, non_blocking=True)
-                    y = targets[idx].to(device, non_blocking=True)
-                    with autocast_context(device, precision):
-                        out = call_block(block, x, block_kwargs)
-                    loss = torch.nn.functional.mse_loss(out.float(), y.float())
-                    if not torch.isfinite(loss):
-                        result.restored = f"non-finite loss at epoch {epoch + 1}, step {step + 1}"
-                        return
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
-                        scaler.unscale_(optimizer)
-                    else:
-                        loss.backward()
-                    if cfg.grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(scores, cfg.grad_clip)
-                    if scaler is not None:
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    scheduler.step()
-                    epoch_loss += float(loss.detach())
-                    result.steps += 1
-                    result.tokens += x.shape[0] * x.shape[1]
-                    progress.update(1)
-                    progress.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{float(loss.detach()):.4g}")
-                result.losses.append(epoch_loss / steps_per_epoch)
-                logger.debug("block %d epoch %d/%d loss %.6g", index, epoch + 1, cfg.epochs, result.losses[-1])
-        finally:
-            progress.close()
-            for s in scores:
-                s.grad = None
 
-
-@torch.no_grad()
-def _put_back(masks: dict[str, Tensor], params: dict[str, Tensor], saved: dict[str, tuple[Tensor, Tensor]]) -> None:
-    """Restore the starting masks (in place) and weights."""
-    for key, (mask, weight) in saved.items():
-        masks[key].copy_(mask)
-        params[key].copy_(weight)
+def _log_epoch(index: int, epochs: int, epoch: int, loss: float) -> bool:
+    logger.debug("block %d epoch %d/%d loss %.6g", index, epoch + 1, epochs, loss)
+    return False

@@ -25,11 +25,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ebft.config import FinetuneConfig
 from ebft.errors import EbftError, UsageError
 from ebft.finetune.base import autocast_context, resolve_precision
+from ebft.finetune.loop import train_steps
 from ebft.models.adapter import find_blocks
 
 logger = logging.getLogger(__name__)
@@ -201,51 +201,21 @@ def _train(
     result: LoraResult,
 ) -> None:
     """The training loop; fills ``result`` (stops early, setting ``result.restored``, on a non-finite loss)."""
-    optimizer = torch.optim.AdamW(
-        trainable, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
-        **({"fused": True} if device.type in ("cuda", "cpu", "mps") else {}),
-    )
-    nsamples = calib_ids.shape[0]
-    steps_per_epoch = math.ceil(nsamples / cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total_steps)
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    generator = torch.Generator().manual_seed(seed)
-    progress = tqdm(total=total_steps, desc="lora", leave=False, disable=None)
+
+    def step_loss(idx: torch.Tensor) -> tuple[torch.Tensor, int]:
+        ids = calib_ids[idx].to(device)
+        with autocast_context(device, precision):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        return loss.float(), ids.shape[0] * ids.shape[1]
+
+    def epoch_end(epoch: int, loss: float) -> bool:
+        logger.info("lora epoch %d/%d: mean loss %.5g", epoch + 1, cfg.epochs, loss)
+        return False
+
     was_training = model.training
     model.train(True)  # for the adapters' dropout
     try:
-        for epoch in range(cfg.epochs):
-            order = torch.randperm(nsamples, generator=generator)
-            epoch_loss = 0.0
-            for step in range(steps_per_epoch):
-                ids = calib_ids[order[step * cfg.batch_size : (step + 1) * cfg.batch_size]].to(device)
-                with autocast_context(device, precision):
-                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-                loss = loss.float()
-                if not torch.isfinite(loss):
-                    result.restored = f"non-finite loss at epoch {epoch + 1}, step {step + 1}"
-                    return
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
-                else:
-                    loss.backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                epoch_loss += float(loss.detach())
-                result.steps += 1
-                progress.update(1)
-                progress.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{float(loss.detach()):.4g}")
-            result.losses.append(epoch_loss / steps_per_epoch)
-            logger.info("lora epoch %d/%d: mean loss %.5g", epoch + 1, cfg.epochs, result.losses[-1])
+        train_steps(trainable, cfg, device, precision, calib_ids.shape[0], seed, step_loss, result, desc="lora",
+                    on_epoch_end=epoch_end)
     finally:
-        progress.close()
         model.train(was_training)

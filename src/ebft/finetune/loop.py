@@ -1,0 +1,132 @@
+"""The AdamW training loop the fine-tuners share (EBFT, EBFT mask tuning, LoRA).
+
+AdamW over ``params`` with a linear decay of the learning rate to zero over all steps, gradient-norm
+clipping (``cfg.grad_clip > 0``) and, for fp16, a GradScaler. Each epoch visits the ``nsamples``
+windows in an order drawn from a ``torch.Generator`` seeded with ``seed``, ``cfg.batch_size`` at a
+time (the last batch of an epoch may be smaller).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ebft.finetune.base import autocast_context, call_block
+
+__all__ = ["TrainResult", "block_mse_loss", "fused_kwargs", "train_steps"]
+
+
+class TrainResult(Protocol):
+    """What the loop fills in: the mean loss of each epoch, the steps taken and why it stopped, if it did."""
+
+    losses: list[float]
+    steps: int
+    restored: str | None
+
+
+def fused_kwargs(device: torch.device) -> dict[str, bool]:
+    """Use the fused AdamW kernel where this torch build has one for the device."""
+    if device.type in ("cuda", "cpu", "mps"):
+        return {"fused": True}
+    return {}
+
+
+def train_steps(
+    params: Sequence[Tensor],
+    cfg: Any,  # FinetuneConfig: lr, betas, weight_decay, epochs, batch_size, grad_clip
+    device: torch.device,
+    precision: str,  # resolved: "fp32", "bf16" or "fp16"
+    nsamples: int,
+    seed: int,
+    step_loss: Callable[[Tensor], tuple[Tensor, int]],  # window indices -> (float32 loss, tokens in them)
+    result: TrainResult,
+    desc: str,
+    on_grads: Callable[[], None] | None = None,  # after backward (and unscaling), before clipping
+    after_step: Callable[[], None] | None = None,  # after the optimizer and scheduler steps
+    on_epoch_end: Callable[[int, float], bool] | None = None,  # (epoch, mean loss) -> stop now?
+) -> int:
+    """Train ``params`` to lower ``step_loss``; returns the tokens of the steps taken.
+
+    ``step_loss`` runs its own forward pass (under :func:`autocast_context` for ``precision``).
+    On a non-finite loss the step is not taken: ``result.restored`` says where and the loop
+    returns. After each epoch its mean loss is appended to ``result.losses`` and ``on_epoch_end``
+    is called; when it returns True, training stops there. Gradients are cleared on the way out,
+    whatever happens.
+    """
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **fused_kwargs(device)
+    )
+    steps_per_epoch = math.ceil(nsamples / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total_steps)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    generator = torch.Generator().manual_seed(seed)
+    tokens = 0
+    progress = tqdm(total=total_steps, desc=desc, leave=False, disable=None)
+    try:
+        for epoch in range(cfg.epochs):
+            order = torch.randperm(nsamples, generator=generator)
+            epoch_loss = 0.0
+            for step in range(steps_per_epoch):
+                idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+                loss, step_tokens = step_loss(idx)
+                if not torch.isfinite(loss):
+                    result.restored = f"non-finite loss at epoch {epoch + 1}, step {step + 1}"
+                    return tokens
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                else:
+                    loss.backward()
+                if on_grads is not None:
+                    on_grads()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                if after_step is not None:
+                    after_step()
+                epoch_loss += float(loss.detach())
+                result.steps += 1
+                tokens += step_tokens
+                progress.update(1)
+                progress.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{float(loss.detach()):.4g}")
+            result.losses.append(epoch_loss / steps_per_epoch)
+            if on_epoch_end is not None and on_epoch_end(epoch, result.losses[-1]):
+                break
+    finally:
+        progress.close()
+        for p in params:
+            p.grad = None
+    return tokens
+
+
+def block_mse_loss(
+    block: torch.nn.Module,
+    inputs: Tensor,  # [nsamples, seqlen, hidden], any device
+    targets: Tensor,  # the same shape
+    block_kwargs: dict[str, Any],
+    device: torch.device,
+    precision: str,
+) -> Callable[[Tensor], tuple[Tensor, int]]:
+    """The ``step_loss`` of the block tuners: float32 MSE between the block's outputs on the chosen
+    windows (forward under autocast) and their targets, and the windows' token count."""
+
+    def step_loss(idx: Tensor) -> tuple[Tensor, int]:
+        x = inputs[idx].to(device, non_blocking=True)
+        y = targets[idx].to(device, non_blocking=True)
+        with autocast_context(device, precision):
+            out = call_block(block, x, block_kwargs)
+        return torch.nn.functional.mse_loss(out.float(), y.float()), x.shape[0] * x.shape[1]
+
+    return step_loss
