@@ -1,0 +1,235 @@
+"""Throughput of EBFT block training against the machine's measured matmul peak.
+
+Loads a real model, captures the real inputs of one decoder block (pydoc calibration text, through
+``ebft.capture``), prunes a copy of the block (magnitude 50%, fixed masks) and trains it with the
+project's EBFT code path (``ebft.finetune.ebft.EBFT.tune``: AdamW, fused where available, gradient
+masking, clipping, mask re-application, autocast) for ``--warmup + --steps`` steps. Only the steps
+after the warm-up are timed. In the same run it measures the dense matmul rate of the same GEMM
+shapes in fp32 and bf16, and (``--profile-steps``) profiles a few more steps to say where the time
+outside the GEMMs goes.
+
+Prints one JSON object on stdout; logs go to stderr.
+
+    python bench/block_throughput.py --model smollm2-135m [--batch-size 8 --seqlen 256 --steps 20 --precision auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+import _common as C  # noqa: E402
+
+log = logging.getLogger("bench.block_throughput")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="model spec for ebft.models.load_model (default smollm2-135m)")
+    p.add_argument("--block", type=int, default=1, help="index of the decoder block to train (default 1)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per optimizer step (default 8, ebft's default)")
+    p.add_argument("--seqlen", type=int, default=256, help="tokens per window (default 256)")
+    p.add_argument("--steps", type=int, default=20, help="timed training steps (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps before them (default 3)")
+    p.add_argument("--precision", default="auto", help="auto, fp32, bf16 (as --precision of ebft prune; default auto)")
+    p.add_argument("--calib", default="pydoc", help="calibration text source for the block's inputs (default pydoc)")
+    p.add_argument("--profile-steps", type=int, default=3,
+                   help="extra steps run under torch.profiler to split the time by op kind (0: skip)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="only warnings on stderr")
+    return p.parse_args(argv)
+
+
+# op-name classification for the profile: self CPU time of every aten op falls in exactly one kind
+def op_kind(name: str) -> str:
+    n = name.lower()
+    if n in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation") or "mkldnn_matmul" in n:
+        return "gemm"
+    if "scaled_dot_product" in n or "flash_attention" in n:
+        return "attention_kernel"
+    if "adam" in n or "foreach" in n or "norm" in n and "rms" not in n and "layer" not in n:
+        return "optimizer_and_clip"
+    if n in ("aten::_to_copy", "aten::copy_", "aten::to", "aten::_copy_from"):
+        return "dtype_casts_and_copies"
+    return "other_elementwise"
+
+
+def profile_steps(tuner_cls, cfg_cls, block, hidden, targets, masks, kwargs, index, precision, bs, steps):
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = cfg_cls(epochs=steps, batch_size=bs, lr=1e-3, precision=precision, holdout_fraction=0.0)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        tuner_cls(cfg, seed=1).tune(block, hidden, targets, masks, kwargs, index)
+    kinds: dict[str, float] = {}
+    top = []
+    for evt in prof.key_averages():
+        if not evt.key.startswith("aten::"):
+            continue
+        us = evt.self_cpu_time_total
+        kinds[op_kind(evt.key)] = kinds.get(op_kind(evt.key), 0.0) + us
+        top.append((us, evt.key))
+    total = sum(kinds.values())
+    top.sort(reverse=True)
+    return {
+        "steps": steps,
+        "share_of_op_time": {k: round(v / total, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+        "top_ops_share": {name: round(us / total, 3) for us, name in top[:10]},
+        "op_time_s": total / 1e6,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    C.setup_logging(args.quiet)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from ebft.capture import calibration_context, capture_block_kwargs, capture_first_block_inputs
+    from ebft.config import FinetuneConfig
+    from ebft.data import calibration_windows
+    from ebft.finetune.base import resolve_precision, run_block
+    from ebft.finetune.ebft import EBFT
+    from ebft.models import find_blocks, load_model
+    from ebft.pruners import make_pruner
+
+    state_before = C.machine_state()
+    t0 = time.perf_counter()
+    loaded = load_model(args.model)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    load_s = time.perf_counter() - t0
+    blocks = find_blocks(model)
+    index = args.block
+    bs, seqlen = args.batch_size, args.seqlen
+    device = torch.device("cpu")
+    precision = resolve_precision(args.precision, device)
+
+    # real inputs of block `index`: the calibration windows through the dense blocks before it
+    calib = calibration_windows(tokenizer, args.calib, bs, seqlen, seed=0)
+    all_kwargs = capture_block_kwargs(model, blocks, calib[:1])
+    hidden = capture_first_block_inputs(model, blocks, calib, batch_size=bs)
+    targets = torch.empty_like(hidden)
+    with calibration_context(model):
+        for i in range(index):
+            run_block(blocks.blocks[i], hidden, all_kwargs[i], bs, out=hidden)
+        run_block(blocks.blocks[index], hidden, all_kwargs[index], bs, out=targets)  # dense targets
+    kwargs = all_kwargs[index]
+
+    # a pruned copy of the block with fixed masks, as the pipeline hands it to the tuner
+    block = copy.deepcopy(blocks.blocks[index])
+    pruner = make_pruner("magnitude", 0.5)
+    masks = {name + ".weight": pruner.prune(name, lin.weight.data)
+             for name, lin in block.named_modules() if isinstance(lin, torch.nn.Linear)}
+    shapes = C.block_linear_shapes(block)
+    p_lin = sum(i * o for _, i, o in shapes)
+    attn_width = C.attention_width(model.config)
+    del model, blocks  # only the block is needed from here on
+
+    tokens_per_step = bs * seqlen
+    log.info("measuring the matmul peak on the block's GEMM shapes (%d tokens)", tokens_per_step)
+    peaks_before = {name: C.matmul_peak(shapes, tokens_per_step, dt)
+                    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+
+    log.info("training block %d: %d warm-up + %d timed steps of %d x %d tokens, %s",
+             index, args.warmup, args.steps, bs, seqlen, precision)
+    cfg = FinetuneConfig(epochs=args.warmup + args.steps, batch_size=bs, lr=1e-3, precision=args.precision,
+                         holdout_fraction=0.0)
+    timer = C.StepTimer(block)
+    result = EBFT(cfg, seed=0).tune(block, hidden, targets, masks, kwargs, index)
+    timer.stop()
+    timing = timer.summary(args.warmup)
+    if result.steps != args.warmup + args.steps or result.restored:
+        raise SystemExit(f"training did not run all steps: {result.steps} steps, restored={result.restored}")
+
+    peaks_after = {name: C.matmul_peak(shapes, tokens_per_step, dt)
+                   for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    peak = {k: max(peaks_before[k]["gflops"], peaks_after[k]["gflops"]) for k in ("fp32", "bf16")}
+
+    flops_step = C.train_flops(p_lin, bs, seqlen, attn_width)
+    timed_tokens = args.steps * tokens_per_step
+    wall = timing["timed_wall_s"]
+    achieved = flops_step["total"] * args.steps / wall / 1e9
+    achieved_fwd_bwd = flops_step["total"] * args.steps / timing["fwd_bwd_s_timed"] / 1e9
+    match = "bf16" if precision in ("bf16", "fp16") else "fp32"
+    ratio = achieved / peak[match]
+
+    prof = None
+    if args.profile_steps > 0:
+        log.info("profiling %d more steps", args.profile_steps)
+        prof = profile_steps(EBFT, FinetuneConfig, block, hidden, targets, masks, kwargs, index, args.precision,
+                             bs, args.profile_steps)
+        gemm = prof["share_of_op_time"].get("gemm", 0.0)
+        gemm_flops = 6.0 * p_lin * tokens_per_step * args.profile_steps
+        prof["gemm_rate_inside_training_gflops"] = round(gemm_flops / (gemm * prof["op_time_s"]) / 1e9, 1) if gemm else None
+        prof["note"] = ("self CPU time of aten ops over the profiled steps (profiler overhead included); "
+                        "gemm = mm/addmm/bmm; optimizer_and_clip = fused AdamW, foreach ops, grad-norm; "
+                        "dtype_casts_and_copies = autocast casts and batch copies")
+
+    opt_share = timing["optimizer_and_masks_s_timed"] / wall
+    limits = (f"fwd+bwd takes {timing['fwd_bwd_s_timed'] / wall:.0%} of the timed wall and runs at "
+              f"{achieved_fwd_bwd:.0f} GFLOP/s ({achieved_fwd_bwd / peak[match]:.0%} of the {match} peak); "
+              f"AdamW step + grad clip + mask re-application take the other {opt_share:.0%}")
+    if prof is not None:
+        s = prof["share_of_op_time"]
+        outside = 1 - s.get("gemm", 0.0)
+        limits += (f". Profile: {outside:.0%} of op time is outside GEMMs "
+                   f"(" + ", ".join(f"{k} {v:.0%}" for k, v in s.items() if k != "gemm") + ")")
+        if prof.get("gemm_rate_inside_training_gflops"):
+            limits += (f"; the GEMMs themselves run at {prof['gemm_rate_inside_training_gflops']:.0f} GFLOP/s "
+                       f"inside training vs {peak[match]:.0f} measured alone")
+
+    out = {
+        "benchmark": "block_throughput",
+        "command": "python bench/block_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "model": args.model,
+        "block": index,
+        "block_linear_params": p_lin,
+        "linear_shapes": [f"{n}: {i}->{o}" for n, i, o in shapes],
+        "batch_size": bs,
+        "seqlen": seqlen,
+        "tokens_per_step": tokens_per_step,
+        "precision": precision,
+        "warmup_steps": args.warmup,
+        "timed_steps": args.steps,
+        "timed_wall_s": C.r(wall, 4),
+        "median_step_s": C.r(timing["median_step_s"], 4),
+        "step_split_s": {"fwd_bwd": C.r(timing["median_fwd_bwd_s"], 3),
+                         "optimizer_clip_masks": C.r(timing["median_optimizer_and_masks_s"], 3)},
+        "tokens_per_s": round(timed_tokens / wall, 1),
+        "flops_formula": C.FLOP_FORMULA,
+        "flops_per_step": {k: C.r(v, 4) for k, v in flops_step.items()},
+        "flops_per_step_arith": (f"6*{p_lin}*{tokens_per_step} + 12*{bs}*{seqlen}^2*{attn_width} = "
+                                 f"{flops_step['linear']:.4g} + {flops_step['attention']:.4g} = {flops_step['total']:.4g}"),
+        "achieved_gflops": round(achieved, 1),
+        "achieved_gflops_fwd_bwd_only": round(achieved_fwd_bwd, 1),
+        "peak_gflops": round(peak[match], 1),
+        "peak_precision": match,
+        "peak_gflops_fp32": round(peak["fp32"], 1),
+        "peak_gflops_bf16": round(peak["bf16"], 1),
+        "peak_runs": {"before_training": {k: round(v["gflops"], 1) for k, v in peaks_before.items()},
+                      "after_training": {k: round(v["gflops"], 1) for k, v in peaks_after.items()},
+                      "used": "the higher of the two"},
+        "peak_how": peaks_before["fp32"]["how"],
+        "peak_per_shape_gflops": {k: v["per_shape_gflops"] for k, v in peaks_after.items()},
+        "ratio": round(ratio, 3),
+        "ratio_arith": f"{achieved:.1f} / {peak[match]:.1f} ({match} peak, same run)",
+        "ratio_vs_fp32_peak": round(achieved / peak["fp32"], 3),
+        "limits": limits,
+        "profile": prof,
+        "loss_first_last": [C.r(result.losses[0], 4), C.r(result.losses[-1], 4)],
+        "model_load_s": round(load_s, 1),
+        "machine_before": state_before,
+        "machine_after": C.machine_state(),
+    }
+    C.emit(out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
