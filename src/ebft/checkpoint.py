@@ -92,8 +92,15 @@ def config_diff(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
     new = {k: v for k, v in _flatten(current).items() if keep(k)}
     for path in sorted(old.keys() | new.keys()):
         if old.get(path, "<unset>") != new.get(path, "<unset>"):
-            return f"{flag_name(path)} was {old.get(path, '<unset>')!r}, now {new.get(path, '<unset>')!r}"
+            return f"{flag_name(path)} was {_show(path, old.get(path, '<unset>'))}, now {_show(path, new.get(path, '<unset>'))}"
     return None
+
+
+def _show(path: str, value: Any) -> str:
+    """A config value as the user would type it: N:M for ``--nm``, repr otherwise."""
+    if path.endswith(".nm"):
+        return "none" if value is None else f"{value[0]}:{value[1]}"
+    return repr(value)
 
 
 def fingerprint(calib_ids: torch.Tensor) -> str:
