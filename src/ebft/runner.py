@@ -165,8 +165,11 @@ def evaluate_all(model: nn.Module, windows: dict[str, torch.Tensor], device: tor
 
 
 def run_prune(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer: tuple[nn.Module, Any] | None = None,
-              resume: bool = False) -> dict:
+              resume: bool = False, windows: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None) -> dict:
     """Run the whole job described by ``cfg``; returns the report (also written to ``cfg.out``).
+
+    ``windows``: the calibration ids and the evaluation ids by source, already built for ``cfg``
+    with this tokenizer (``ebft.sweep`` builds them once for many runs); default: built here.
 
     With ``cfg.out``, every finished block is checkpointed next to it (``ebft.checkpoint``); a run
     that stopped for any reason continues with ``resume=True``. ``cfg.out`` appears only at the end.
@@ -197,13 +200,16 @@ def run_prune(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer: tupl
     timings["load"] = time.perf_counter() - t0
 
     t = time.perf_counter()
-    calib = calibration_windows(
-        tokenizer, cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen, cfg.calib.seed, data_dir=cfg.data_dir
-    )
-    eval_windows = {
-        source: evaluation_tokens(tokenizer, source, cfg.eval.seqlen, cfg.eval.max_windows, data_dir=cfg.data_dir)
-        for source in cfg.eval.sources
-    }
+    if windows is not None:
+        calib, eval_windows = windows
+    else:
+        calib = calibration_windows(
+            tokenizer, cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen, cfg.calib.seed, data_dir=cfg.data_dir
+        )
+        eval_windows = {
+            source: evaluation_tokens(tokenizer, source, cfg.eval.seqlen, cfg.eval.max_windows, data_dir=cfg.data_dir)
+            for source in cfg.eval.sources
+        }
     timings["data"] = time.perf_counter() - t
 
     report: dict[str, Any] = {
