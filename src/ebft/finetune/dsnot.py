@@ -214,8 +214,10 @@ class DSnoT(BlockFinetuner):
         var_power: float = 1.0,
     ) -> None:
         super().__init__(config, seed)
-        self.max_cycles = int(max_cycles)
-        self.threshold = float(threshold)
+        # the config's settings (--dsnot-cycles, --dsnot-threshold) win over the constructor's defaults
+        cycles, limit = getattr(config, "dsnot_cycles", None), getattr(config, "dsnot_threshold", None)
+        self.max_cycles = int(max_cycles if cycles is None else cycles)
+        self.threshold = float(threshold if limit is None else limit)
         self.var_power = float(var_power)
 
     def tune(
