@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -142,10 +144,15 @@ def capture_first_block_inputs(
     input_ids: torch.Tensor,
     batch_size: int = 8,
     dtype: torch.dtype = torch.float32,
+    alloc: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Hidden states entering block 0 for every calibration window: [nsamples, seqlen, hidden], CPU."""
+    """Hidden states entering block 0 for every calibration window: [nsamples, seqlen, hidden], CPU.
+
+    ``alloc(shape, dtype)`` makes the buffer (default ``torch.empty``), e.g. :meth:`ActivationBuffers.new`.
+    """
     nsamples, seqlen = input_ids.shape
     out: torch.Tensor | None = None
+    alloc = alloc if alloc is not None else (lambda shape, dt: torch.empty(shape, dtype=dt))
     current: dict[str, torch.Tensor] = {}
 
     def on_call(index: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
@@ -161,7 +168,7 @@ def capture_first_block_inputs(
                 model(input_ids=batch, use_cache=False)
             hidden = current.pop("hidden")
             if out is None:
-                out = torch.empty(nsamples, seqlen, hidden.shape[-1], dtype=dtype)
+                out = alloc((nsamples, seqlen, hidden.shape[-1]), dtype)
             out[start : start + batch.shape[0]] = hidden.to("cpu", dtype)
     assert out is not None
     return out
@@ -170,3 +177,48 @@ def capture_first_block_inputs(
 def _input_device(model: nn.Module) -> torch.device:
     embeddings = model.get_input_embeddings()
     return embeddings.weight.device
+
+
+class ActivationBuffers:
+    """Makes the calibration activation buffers: in RAM, or (``folder``) in memory-mapped files.
+
+    A file-backed buffer behaves like any CPU tensor; its pages belong to the page cache, which the
+    kernel can write back and drop under memory pressure instead of holding them in the process's
+    anonymous memory. :meth:`close` (or leaving the ``with`` block) unmaps and removes the files.
+    """
+
+    def __init__(self, folder: Path | None = None, prefix: str = "activations") -> None:
+        self.folder = Path(folder) if folder is not None else None
+        self.prefix = prefix
+        self.files: list[Path] = []
+        self._tensors: list[torch.Tensor] = []
+
+    def new(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """An uninitialised (RAM) or zero-filled (file) CPU tensor of ``shape``."""
+        if self.folder is None:
+            return torch.empty(shape, dtype=dtype)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{self.prefix}-{len(self.files)}.bin"
+        path.unlink(missing_ok=True)
+        numel = math.prod(shape)
+        self.files.append(path)
+        tensor = torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(shape)
+        self._tensors.append(tensor)
+        logger.debug("activation buffer %s: %s in %s", tuple(shape), dtype, path)
+        return tensor
+
+    def close(self) -> None:
+        """Remove the files (the mappings stay valid until the last tensor using them is freed)."""
+        self._tensors.clear()
+        for path in self.files:
+            path.unlink(missing_ok=True)
+        self.files.clear()
+        if self.folder is not None:
+            with contextlib.suppress(OSError):
+                self.folder.rmdir()
+
+    def __enter__(self) -> ActivationBuffers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

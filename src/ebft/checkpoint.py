@@ -49,7 +49,7 @@ FORMAT = 1
 KILL_ENV = "EBFT_TEST_KILL_AFTER_BLOCK"
 
 #: Config fields that do not change the pruned model and may differ on --resume.
-IGNORED_FIELDS = ("out", "eval", "eval_dense", "data_dir")
+IGNORED_FIELDS = ("out", "eval", "eval_dense", "data_dir", "offload")
 _FLAG_NAMES = {"calib.source": "--calib", "finetune.method": "--finetune", "model": "MODEL"}
 
 
@@ -274,6 +274,15 @@ class Checkpoint:
             raise
         return cls(out, state, lock)
 
+    @classmethod
+    def follow(cls, out: Path) -> CheckpointFollower:
+        """The run rank 0 has just opened in ``work_dir(out)``, read-only (for the other torchrun processes)."""
+        work = work_dir(out)
+        state = _read_state(work)
+        if state is None:
+            raise EbftError(f"{work} holds no run state; rank 0 should have written it")
+        return CheckpointFollower(out, state, None)
+
     @property
     def done(self) -> int:
         """How many blocks are finished and saved."""
@@ -363,6 +372,30 @@ class Checkpoint:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self._lock.close()
+
+
+class CheckpointFollower(Checkpoint):
+    """A torchrun process other than rank 0: reads the run rank 0 keeps in the work folder, writes nothing.
+
+    It loads a resumed run's finished blocks and activations like rank 0 does; ``save_block`` only
+    counts the block, and nothing of it touches the folder or its lock.
+    """
+
+    def save_block(self, index: int, block: nn.Module, masks: dict[str, torch.Tensor], hidden: torch.Tensor,
+                   report: dict[str, Any]) -> None:
+        self.state.update(done=index + 1, blocks=[*self.state["blocks"], report])
+
+    def stage_model(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("only rank 0 saves the model")
+
+    def publish(self, report: dict[str, Any]) -> None:
+        raise RuntimeError("only rank 0 publishes the run")
+
+    def discard(self) -> None:
+        """Leave the folder to rank 0."""
+
+    def close(self) -> None:
+        """No lock to release."""
 
 
 def publish_staged(out: Path) -> dict[str, Any]:

@@ -9,9 +9,11 @@ For block i, with X the outputs of the already pruned (and tuned) blocks before 
    a block whose held-out loss tuning does not lower gets its untuned weights and masks back;
 4. X <- tuned_block_i(X) on every window, which becomes block i+1's input.
 
-Only one block is on the compute device at a time; activations live on the CPU. With a
-:class:`~ebft.checkpoint.Checkpoint`, every finished block is committed to disk and a resumed run
-continues from the first unfinished one, bit for bit as if it had never stopped.
+Only one block is on the compute device at a time; activations live on the CPU, in RAM or (with
+``offload_dir``) in memory-mapped files. With a :class:`~ebft.checkpoint.Checkpoint`, every finished
+block is committed to disk and a resumed run continues from the first unfinished one, bit for bit as
+if it had never stopped. Under torchrun (``dist``) every process walks the blocks in lockstep and
+the training batches are split between them (see :mod:`ebft.distributed`).
 """
 
 from __future__ import annotations
@@ -22,13 +24,20 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ebft.capture import calibration_context, capture_block_kwargs, capture_first_block_inputs, move_to
+from ebft.capture import (
+    ActivationBuffers,
+    calibration_context,
+    capture_block_kwargs,
+    capture_first_block_inputs,
+    move_to,
+)
 from ebft.config import FinetuneConfig, PruneConfig
 from ebft.errors import EbftError
 from ebft.finetune import FINETUNERS
@@ -38,6 +47,7 @@ from ebft.pruners import PRUNERS
 
 if TYPE_CHECKING:
     from ebft.checkpoint import Checkpoint
+    from ebft.distributed import DistContext
 
 logger = logging.getLogger(__name__)
 
@@ -195,19 +205,25 @@ def prune_and_finetune(
     seed: int = 0,
     forward_batch_size: int = 8,
     checkpoint: Checkpoint | None = None,
+    dist: DistContext | None = None,
+    offload_dir: Path | None = None,
 ) -> PruneResult:
     """Prune every decoder block of ``model`` in place and repair it with ``finetune.method``.
 
-    With ``checkpoint``, each finished block is committed to it, and the blocks it already holds
-    are loaded instead of recomputed.
+    With ``checkpoint``, each finished block is committed to it (by rank 0 only, under torchrun),
+    and the blocks it already holds are loaded instead of recomputed. With ``offload_dir``, the two
+    calibration activation buffers are memory-mapped files in that folder, removed on return.
     """
     start = time.perf_counter()
     blocks = find_blocks(model)
     check_nm_divisible(blocks, prune.nm)
     model.requires_grad_(False)
-    pruner = PRUNERS[prune.pruner](sparsity=prune.sparsity, nm=prune.nm)
+    pruner = PRUNERS[prune.pruner](sparsity=prune.sparsity, nm=prune.nm, **prune.pruner_options())
     tuner_cls = FINETUNERS[finetune.method]
     tuner = tuner_cls(finetune, seed=seed) if tuner_cls is not None else None
+    if tuner is not None:
+        tuner.dist = dist
+    main = dist is None or dist.is_main
     if finetune.patience is not None and tuner is not None and not tuner.supports_early_stopping:
         raise EbftError(f"--patience does not work with --finetune {finetune.method}; use --finetune ebft")
     nsamples = calib_ids.shape[0]
@@ -218,42 +234,54 @@ def prune_and_finetune(
     reports: list[BlockReport] = []
     masks: dict[str, torch.Tensor] = {}
     first = checkpoint.done if checkpoint is not None else 0
-    if first:
-        masks = checkpoint.load_blocks(list(blocks.blocks), [blocks.block_name(i) + "." for i in range(first)])
-        reports = [BlockReport(**r) for r in checkpoint.reports]
-        hidden = checkpoint.load_hidden()
-        if hidden.shape[:2] != calib_ids.shape:
-            raise EbftError("the checkpoint's activations do not match the calibration windows; "
-                            "pass --overwrite to start over")
-        logger.info("resumed after block %d/%d", first, len(blocks))
-    else:
-        hidden = capture_first_block_inputs(model, blocks, calib_ids, batch_size=forward_batch_size)
-    targets = torch.empty_like(hidden)
-    logger.info("calibration activations: %s windows x %s tokens x %s features (%.0f MB each), %d held out",
-                *hidden.shape, hidden.numel() * hidden.element_size() / 2**20, nsamples - n_train)
+    buffers = ActivationBuffers(offload_dir, prefix=f"rank{dist.rank}" if dist is not None else "activations")
+    try:
+        if first:
+            masks = checkpoint.load_blocks(list(blocks.blocks), [blocks.block_name(i) + "." for i in range(first)])
+            reports = [BlockReport(**r) for r in checkpoint.reports]
+            hidden = checkpoint.load_hidden()
+            if hidden.shape[:2] != calib_ids.shape:
+                raise EbftError("the checkpoint's activations do not match the calibration windows; "
+                                "pass --overwrite to start over")
+            if offload_dir is not None:
+                hidden = buffers.new(tuple(hidden.shape), hidden.dtype).copy_(hidden)
+            logger.info("resumed after block %d/%d", first, len(blocks))
+        else:
+            hidden = capture_first_block_inputs(model, blocks, calib_ids, batch_size=forward_batch_size,
+                                                alloc=buffers.new)
+        targets = buffers.new(tuple(hidden.shape), hidden.dtype)
+        logger.info("calibration activations: %s windows x %s tokens x %s features (%.0f MB each, %s), %d held out",
+                    *hidden.shape, hidden.numel() * hidden.element_size() / 2**20,
+                    "in RAM" if offload_dir is None else f"memory-mapped in {offload_dir}", nsamples - n_train)
 
-    progress = tqdm(range(first, len(blocks)), desc="blocks", disable=None, initial=first, total=len(blocks))
-    for index in progress:
-        block_start = time.perf_counter()
-        with _seeded(seed, index, device):
-            report, hidden, targets = _prune_block(
-                model, blocks, index, hidden, targets, block_kwargs, pruner, tuner, finetune, device, masks,
-                n_train, forward_batch_size,
-            )
-        report.seconds = time.perf_counter() - block_start
-        reports.append(report)
-        if checkpoint is not None:
-            prefix = blocks.block_name(index) + "."
-            checkpoint.save_block(index, blocks.blocks[index], {n: m for n, m in masks.items() if n.startswith(prefix)},
-                                  hidden, asdict(report))
-        progress.set_postfix(block=f"{index + 1}/{len(blocks)}", init=f"{report.init_loss:.4g}",
-                             final=f"{report.final_loss:.4g}")
-        logger.info("block %d/%d: loss %.5g -> %.5g in %.1f s%s", index + 1, len(blocks),
-                    report.init_loss, report.final_loss, report.seconds,
-                    "" if report.holdout_init_loss is None else
-                    f" (held out {report.holdout_init_loss:.5g} -> {report.holdout_final_loss:.5g})")
-    if not torch.isfinite(hidden).all():
-        raise EbftError("the pruned model produces non-finite activations; try a lower --sparsity or --lr")
+        progress = tqdm(range(first, len(blocks)), desc="blocks", disable=None if main else True, initial=first,
+                        total=len(blocks))
+        for index in progress:
+            block_start = time.perf_counter()
+            with _seeded(seed, index, device):
+                report, hidden, targets = _prune_block(
+                    model, blocks, index, hidden, targets, block_kwargs, pruner, tuner, finetune, device, masks,
+                    n_train, forward_batch_size, dist,
+                )
+            report.seconds = time.perf_counter() - block_start
+            reports.append(report)
+            if checkpoint is not None and main:
+                prefix = blocks.block_name(index) + "."
+                checkpoint.save_block(index, blocks.blocks[index],
+                                      {n: m for n, m in masks.items() if n.startswith(prefix)}, hidden, asdict(report))
+            progress.set_postfix(block=f"{index + 1}/{len(blocks)}", init=f"{report.init_loss:.4g}",
+                                 final=f"{report.final_loss:.4g}")
+            logger.info("block %d/%d: loss %.5g -> %.5g in %.1f s%s", index + 1, len(blocks),
+                        report.init_loss, report.final_loss, report.seconds,
+                        "" if report.holdout_init_loss is None else
+                        f" (held out {report.holdout_init_loss:.5g} -> {report.holdout_final_loss:.5g})")
+        if not torch.isfinite(hidden).all():
+            raise EbftError("the pruned model produces non-finite activations; try a lower --sparsity or --lr")
+        del hidden, targets
+    finally:
+        buffers.close()
+    if dist is not None:
+        dist.barrier()  # every process has finished every block
     _move_non_block_modules(model, blocks, "cpu")
     return PruneResult(reports, masks, time.perf_counter() - start)
 
@@ -272,6 +300,7 @@ def _prune_block(
     masks: dict[str, torch.Tensor],
     n_train: int,
     batch_size: int,
+    dist: DistContext | None = None,
 ) -> tuple[BlockReport, torch.Tensor, torch.Tensor]:
     """Targets, prune, tune, propagate for one block; returns its report and the (swapped) buffers.
 
@@ -321,6 +350,8 @@ def _prune_block(
                         dense_weights=dense_weights, **extra)
     if stopper is not None and result.restored is None:
         stopper.keep_best(untuned)
+    if dist is not None:  # the processes took the same steps; make them bitwise equal all the same
+        dist.broadcast_([*block.state_dict().values(), *block_masks.values()])
     with calibration_context(model):
         # each batch is compared with its targets before its outputs overwrite them
         final_loss, holdout_final = _losses(block, hidden, targets, kwargs, batch_size, n_train, out=targets)

@@ -46,6 +46,9 @@ class BlockFinetuner:
     def __init__(self, config: Any, seed: int = 0) -> None:
         self.config = config
         self.seed = seed
+        #: under torchrun, the job's :class:`ebft.distributed.DistContext`: tuners that train with
+        #: :func:`ebft.finetune.loop.train_steps` pass it on; the others run whole on every process
+        self.dist: Any = None
 
     def tune(
         self,

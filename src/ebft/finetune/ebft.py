@@ -77,6 +77,7 @@ class EBFT(BlockFinetuner):
                 trainable, cfg, device, precision, inputs.shape[0], self.seed * 1_000_003 + index,
                 block_mse_loss(block, inputs, targets, block_kwargs, device, precision), result,
                 desc=f"block {index} ebft", on_grads=mask_grads, after_step=reapply_masks, on_epoch_end=epoch_end,
+                dist=self.dist,
             )
             if result.restored is not None:
                 logger.warning("block %d: %s; stopping its fine-tuning", index, result.restored)

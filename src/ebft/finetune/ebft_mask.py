@@ -237,6 +237,7 @@ class EBFTMask(BlockFinetuner):
                     list(scores.values()), cfg, device, precision, inputs.shape[0], self.seed * 1_000_003 + index,
                     block_mse_loss(block, inputs, targets, block_kwargs, device, precision), result,
                     desc=f"block {index} ebft-mask", on_epoch_end=functools.partial(_log_epoch, index, cfg.epochs),
+                    dist=self.dist,
                 )
         finally:
             result.train_seconds = time.perf_counter() - start

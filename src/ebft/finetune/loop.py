@@ -4,19 +4,26 @@ AdamW over ``params`` with a linear decay of the learning rate to zero over all 
 clipping (``cfg.grad_clip > 0``) and, for fp16, a GradScaler. Each epoch visits the ``nsamples``
 windows in an order drawn from a ``torch.Generator`` seeded with ``seed``, ``cfg.batch_size`` at a
 time (the last batch of an epoch may be smaller).
+
+Under torchrun (``dist``), every process draws the same order and takes its contiguous shard of each
+batch; the losses are weighted by each shard's share of the batch's tokens and the gradients summed
+over the processes before clipping, so each process takes the step a single process would take.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from ebft.finetune.base import autocast_context, call_block
+
+if TYPE_CHECKING:
+    from ebft.distributed import DistContext
 
 __all__ = ["TrainResult", "block_mse_loss", "fused_kwargs", "train_steps"]
 
@@ -49,6 +56,7 @@ def train_steps(
     on_grads: Callable[[], None] | None = None,  # after backward (and unscaling), before clipping
     after_step: Callable[[], None] | None = None,  # after the optimizer and scheduler steps
     on_epoch_end: Callable[[int, float], bool] | None = None,  # (epoch, mean loss) -> stop now?
+    dist: DistContext | None = None,  # under torchrun: split each batch over the processes
 ) -> int:
     """Train ``params`` to lower ``step_loss``; returns the tokens of the steps taken.
 
@@ -67,22 +75,29 @@ def train_steps(
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     generator = torch.Generator().manual_seed(seed)
     tokens = 0
-    progress = tqdm(total=total_steps, desc=desc, leave=False, disable=None)
+    progress = tqdm(total=total_steps, desc=desc, leave=False, disable=None if dist is None or dist.is_main else True)
     try:
         for epoch in range(cfg.epochs):
             order = torch.randperm(nsamples, generator=generator)
             epoch_loss = 0.0
             for step in range(steps_per_epoch):
                 idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-                loss, step_tokens = step_loss(idx)
-                if not torch.isfinite(loss):
+                if dist is None:
+                    loss, step_tokens = step_loss(idx)
+                    loss_value = float(loss.detach())
+                else:
+                    loss, step_tokens, loss_value = _shard_loss(step_loss, idx, dist, params)
+                if not math.isfinite(loss_value):
                     result.restored = f"non-finite loss at epoch {epoch + 1}, step {step + 1}"
                     return tokens
                 if scaler is not None:
                     scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
                 else:
                     loss.backward()
+                if dist is not None:  # before unscaling, so that every process sees the same inf/NaN
+                    dist.all_reduce_grads_(params)
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
                 if on_grads is not None:
                     on_grads()
                 if cfg.grad_clip > 0:
@@ -96,11 +111,11 @@ def train_steps(
                 scheduler.step()
                 if after_step is not None:
                     after_step()
-                epoch_loss += float(loss.detach())
+                epoch_loss += loss_value
                 result.steps += 1
                 tokens += step_tokens
                 progress.update(1)
-                progress.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{float(loss.detach()):.4g}")
+                progress.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{loss_value:.4g}")
             result.losses.append(epoch_loss / steps_per_epoch)
             if on_epoch_end is not None and on_epoch_end(epoch, result.losses[-1]):
                 break
@@ -109,6 +124,25 @@ def train_steps(
         for p in params:
             p.grad = None
     return tokens
+
+
+def _shard_loss(step_loss: Callable[[Tensor], tuple[Tensor, int]], idx: Tensor, dist: DistContext,
+                params: Sequence[Tensor]) -> tuple[Tensor, int, float]:
+    """The loss this process back-propagates for batch ``idx``, the batch's tokens and its loss (all processes).
+
+    Summed over the processes, the returned losses (and so their gradients) equal the whole batch's
+    token-weighted mean loss. Every process gets the same batch loss, so a non-finite one stops
+    all of them at the same step.
+    """
+    mine = idx[dist.shard(len(idx))]
+    if len(mine):
+        loss, tokens = step_loss(mine)
+    else:  # a last batch smaller than the job: this process contributes zero gradients
+        loss, tokens = torch.zeros((), device=params[0].device, requires_grad=True), 0
+    stats = torch.tensor([float(loss.detach()) * tokens, float(tokens)], dtype=torch.float64, device=dist.device)
+    dist.all_reduce_(stats)
+    total = float(stats[1])
+    return loss * (tokens / total), int(total), float(stats[0]) / total
 
 
 def block_mse_loss(
