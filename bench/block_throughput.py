@@ -11,6 +11,11 @@ outside the GEMMs goes.
 Prints one JSON object on stdout; logs go to stderr.
 
     python bench/block_throughput.py --model smollm2-135m [--batch-size 8 --seqlen 256 --steps 20 --precision auto]
+                                     [--compile] [--adamw fused|foreach]
+
+``--compile`` wraps the block's forward in ``torch.compile`` (inductor; the backward is compiled by
+AOTAutograd), so the compile happens in the warm-up steps and the timing hooks stay outside the
+compiled code. ``--adamw foreach`` swaps the fused AdamW kernel for the multi-tensor one.
 """
 
 from __future__ import annotations
@@ -44,6 +49,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile-steps", type=int, default=3,
                    help="extra steps run under torch.profiler to split the time by op kind (0: skip)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the block's forward (and so its backward)")
+    p.add_argument("--ab-rounds", type=int, default=0,
+                   help="also compare eager and torch.compile in one process: this many alternating rounds of "
+                        "--ab-steps timed steps each (0: skip); robust to other load that drifts over minutes")
+    p.add_argument("--ab-steps", type=int, default=5, help="timed steps per round of --ab-rounds (default 5)")
+    p.add_argument("--adamw", default="fused", choices=("fused", "foreach"),
+                   help="AdamW implementation: fused (ebft's default where torch has it) or foreach")
     p.add_argument("--quiet", action="store_true", help="only warnings on stderr")
     return p.parse_args(argv)
 
@@ -84,6 +96,32 @@ def profile_steps(tuner_cls, cfg_cls, block, hidden, targets, masks, kwargs, ind
         "top_ops_share": {name: round(us / total, 3) for us, name in top[:10]},
         "op_time_s": total / 1e6,
     }
+
+
+def compile_ab(tuner_cls, cfg_cls, block, hidden, targets, masks, kwargs, index, args) -> dict:
+    """Eager and ``torch.compile``d copies of the block, trained in alternating rounds in this process."""
+    copies = {"eager": copy.deepcopy(block), "compiled": copy.deepcopy(block)}
+    copies["compiled"].forward = torch.compile(copies["compiled"].forward, dynamic=False)
+    bs = args.batch_size
+
+    def train(name: str, steps: int) -> float:
+        cfg = cfg_cls(epochs=steps, batch_size=bs, lr=1e-3, precision=args.precision, holdout_fraction=0.0)
+        t = time.perf_counter()
+        tuner_cls(cfg, seed=0).tune(copies[name], hidden, targets, dict(masks), kwargs, index)
+        return time.perf_counter() - t
+
+    warm = {name: train(name, args.warmup) for name in copies}  # includes compiling
+    wall = {name: 0.0 for name in copies}
+    for r in range(args.ab_rounds):
+        for name in (("eager", "compiled") if r % 2 == 0 else ("compiled", "eager")):
+            wall[name] += train(name, args.ab_steps)
+    tokens = args.ab_rounds * args.ab_steps * bs * args.seqlen
+    rate = {name: tokens / w for name, w in wall.items()}
+    return {"rounds": args.ab_rounds, "steps_per_round": args.ab_steps, "warmup_s": {k: C.r(v, 3) for k, v in warm.items()},
+            "tokens_per_s": {k: round(v, 1) for k, v in rate.items()},
+            "compiled_over_eager": round(rate["compiled"] / rate["eager"], 3),
+            "note": "each round trains both copies for the same steps, alternating which goes first; "
+                    "wall time includes each tune call's optimizer set-up"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,6 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     masks = {name + ".weight": pruner.prune(name, lin.weight.data)
              for name, lin in block.named_modules() if isinstance(lin, torch.nn.Linear)}
     shapes = C.block_linear_shapes(block)
+    block_for_ab = copy.deepcopy(block) if args.ab_rounds > 0 else None
+    if args.compile:
+        block.forward = torch.compile(block.forward, dynamic=False)
+    if args.adamw == "foreach":
+        import ebft.finetune.loop as loop
+
+        loop.fused_kwargs = lambda device: {"foreach": True}
     p_lin = sum(i * o for _, i, o in shapes)
     attn_width = C.attention_width(model.config)
     del model, blocks  # only the block is needed from here on
@@ -184,8 +229,12 @@ def main(argv: list[str] | None = None) -> int:
             limits += (f"; the GEMMs themselves run at {prof['gemm_rate_inside_training_gflops']:.0f} GFLOP/s "
                        f"inside training vs {peak[match]:.0f} measured alone")
 
+    ab = compile_ab(EBFT, FinetuneConfig, block_for_ab, hidden, targets, masks, kwargs, index, args) \
+        if args.ab_rounds > 0 else None
+
     out = {
         "benchmark": "block_throughput",
+        "compile_ab": ab,
         "command": "python bench/block_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "model": args.model,
         "block": index,
@@ -195,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
         "seqlen": seqlen,
         "tokens_per_step": tokens_per_step,
         "precision": precision,
+        "compile": args.compile,
+        "adamw": args.adamw,
+        "warmup_step_s": [C.r(s, 3) for s in timing["step_s"][: args.warmup]],
         "warmup_steps": args.warmup,
         "timed_steps": args.steps,
         "timed_wall_s": C.r(wall, 4),

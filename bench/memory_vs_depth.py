@@ -16,7 +16,9 @@ A sampler polling the child's ``VmRSS`` every 50 ms cross-checks the peak. A lea
 size, the weights plus the bool masks the pipeline keeps, and the activation buffers (what the
 slope would carry if activations were kept per block). The default sizes make one activation
 buffer (64 x 256 x 512 fp32 = 32 MiB) about twice a block's weights plus masks (16 MiB), so the two
-hypotheses give clearly different slopes. A control series (``--control-nsamples``, default 16)
+hypotheses give clearly different slopes. ``--offload disk`` runs every child with the activation
+buffers in memory-mapped files; the sampler also records the child's peak ``RssAnon``, the part of
+the resident memory that is not file-backed. A control series (``--control-nsamples``, default 16)
 repeats the smallest and largest depth with 4x fewer windows: the slope should not move, only the
 intercept.
 
@@ -63,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="EBFT batch size (default 8)")
     p.add_argument("--pruner", default="wanda", help="pruner (default wanda)")
     p.add_argument("--workdir", type=Path, default=None, help="where models and runs go (default: a temp folder, removed)")
+    p.add_argument("--offload", default="none", choices=("none", "disk"),
+                   help="ebft prune --offload: activations in RAM (none) or in memory-mapped files (disk)")
     p.add_argument("--poll", type=float, default=0.05, help="seconds between RSS samples of the child (default 0.05)")
     p.add_argument("--quiet", action="store_true", help="only warnings on stderr")
     return p.parse_args(argv)
@@ -160,6 +164,7 @@ def run_child(cmd: list[str], poll: float, phases_path: Path) -> dict[str, float
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     samples: list[tuple[float, float]] = []
+    anon: list[float] = []  # RssAnon: memory only the process holds (file-backed pages can be dropped by the kernel)
     stop = threading.Event()
 
     def sampler() -> None:
@@ -170,6 +175,8 @@ def run_child(cmd: list[str], poll: float, phases_path: Path) -> dict[str, float
                     for line in f:
                         if line.startswith("VmRSS:"):
                             samples.append((time.perf_counter() - start, int(line.split()[1]) / 1024))
+                        elif line.startswith("RssAnon:"):
+                            anon.append(int(line.split()[1]) / 1024)
                             break
             except OSError:
                 break
@@ -193,7 +200,7 @@ def run_child(cmd: list[str], poll: float, phases_path: Path) -> dict[str, float
     names = ("load", "blocks", "between", "save", "exit")
     peak = max(phases[f"{n}_peak_mb"] for n in names) if phases["reset_ok"] else phases["exit_peak_mb"]
     return {"peak_rss_mb": peak, "phases": {n: round(phases[f"{n}_peak_mb"], 1) for n in names},
-            "peak_rss_sampled_mb": peak_sampled,
+            "peak_rss_sampled_mb": peak_sampled, "peak_rss_anon_sampled_mb": max(anon, default=0.0),
             "peak_at_fraction_of_run": peak_t / wall, "wall_s": wall, "stderr_tail": "".join(stderr_chunks)[-400:]}
 
 
@@ -205,7 +212,8 @@ def run_depth(work: Path, depth: int, nsamples: int, args: argparse.Namespace) -
     sizes = build_model(folder, depth, args)
     cmd = ["prune", str(folder), "--out", str(out), "--calib", args.calib,
            "--nsamples", str(nsamples), "--seqlen", str(args.seqlen), "--epochs", str(args.epochs),
-           "--batch-size", str(args.batch_size), "--pruner", args.pruner, "--device", "cpu", "--quiet"]
+           "--batch-size", str(args.batch_size), "--pruner", args.pruner, "--device", "cpu", "--quiet",
+           "--offload", args.offload]
     log.info("depth %d, %d windows: ebft %s", depth, nsamples, " ".join(cmd))
     child = run_child(cmd, args.poll, work / f"phases-{depth}-{nsamples}.json")
     report = json.loads((out / "report.json").read_text())
@@ -217,6 +225,7 @@ def run_depth(work: Path, depth: int, nsamples: int, args: argparse.Namespace) -
         "nsamples": nsamples,
         "peak_rss_by_phase_mb": child["phases"],
         "peak_rss_sampled_mb": round(child["peak_rss_sampled_mb"], 1),
+        "peak_rss_anon_sampled_mb": round(child["peak_rss_anon_sampled_mb"], 1),
         "peak_at_fraction_of_run": round(child["peak_at_fraction_of_run"], 2),
         "params": sizes["params"],
         "wall_s": round(child["wall_s"], 1),
@@ -275,9 +284,12 @@ def main(argv: list[str] | None = None) -> int:
         "width": {"hidden": args.hidden, "intermediate": args.intermediate, "heads": args.heads,
                   "kv_heads": args.kv_heads, "vocab": 258},
         "run": {"calib": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "epochs": args.epochs,
-                "batch_size": args.batch_size, "pruner": args.pruner, "finetune": "ebft", "device": "cpu"},
+                "batch_size": args.batch_size, "pruner": args.pruner, "finetune": "ebft", "device": "cpu",
+                "offload": args.offload},
         "rows": rows,
         "rows_columns": "(blocks, peak_rss_mb, weights_mb, activations_mb): peak RSS of the child (its VmHWM), "
+                        "peak_rss_anon_sampled_mb: the highest RssAnon seen by the sampler (RSS minus file-backed and "
+                        "shared pages: what the kernel cannot drop; --offload disk moves the activations out of it), "
                         "fp32 weights of the whole model, and the pipeline's two [nsamples, seqlen, hidden] fp32 "
                         "activation buffers (inputs + targets)",
         "fit": {

@@ -296,6 +296,9 @@ def test_errors_table(setup: str, command: str, code: int, message: str, tiny_mo
         "unfinished": lambda: shutil.copytree(request.getfixturevalue("unfinished_run"), work_dir(out)),
         "locked": lambda: (setups["unfinished"](), held_locks.append(_hold_lock(work_dir(out) / "lock"))),
         "disk-full": lambda: monkeypatch.setattr(shutil, "disk_usage", lambda path: _Usage(10**12, 10**12, 0)),
+        # started by torchrun as process 1 of 2; every row with it fails before joining the job
+        "torchrun": lambda: [monkeypatch.setenv(k, v) for k, v in
+                             {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "99"}.items()],
     }
     setups[setup]()
     before = _snapshot(tmp_path)
