@@ -530,6 +530,7 @@ class Plan:
     done: list[str] = field(default_factory=list)
     todo: list[str] = field(default_factory=list)
     dense_todo: list[str] = field(default_factory=list)  # models whose dense baseline is missing
+    backend: tuple[str, Any] | None = None  # the zero-shot back-end, once check_sweep has chosen it
 
 
 def plan_sweep(sweep: Sweep) -> Plan:
@@ -568,8 +569,10 @@ def check_sweep(sweep: Sweep) -> Plan:
         if cell.id not in todo:
             continue
         cfg = cell.config
-        key = json.dumps([cfg.model, cfg.calib.source, cfg.calib.seqlen, cfg.prune.nm, cfg.finetune.method,
-                          cfg.finetune.patience, cfg.calib.nsamples, cfg.finetune.holdout_fraction, cfg.device])
+        patience = cfg.finetune.patience is not None  # checked against nsamples and the held-out fraction
+        key = json.dumps([cfg.model, cfg.calib.source, cfg.calib.seqlen, cfg.prune.nm, cfg.finetune.method == "lora",
+                          cfg.finetune.method if patience else None, cfg.calib.nsamples if patience else None,
+                          cfg.finetune.holdout_fraction if patience else None, cfg.device])
         if key in checked:
             continue
         checked.add(key)
@@ -578,7 +581,7 @@ def check_sweep(sweep: Sweep) -> Plan:
         except EbftError as exc:
             raise type(exc)(f"{sweep.source}: cell {cell.id}: {exc}") from None
     if sweep.tasks is not None and (plan.todo or plan.dense_todo):
-        _zeroshot_backend(sweep)
+        plan.backend = _zeroshot_backend(sweep)
     return plan
 
 
@@ -664,7 +667,9 @@ def run_sweep(sweep: Sweep, plan: Plan | None = None, on_cell: Callable[[str, di
     if plan.done:
         logger.info("%d of %d cells finished earlier (in %s): skipped", len(plan.done), len(sweep.cells),
                     sweep.out / "cells")
-    backend = _zeroshot_backend(sweep) if sweep.tasks is not None and (plan.todo or plan.dense_todo) else None
+    backend = plan.backend
+    if backend is None and sweep.tasks is not None and (plan.todo or plan.dense_todo):
+        backend = _zeroshot_backend(sweep)
     resident: _Resident | None = None
     computed: list[str] = []
     seconds: list[float] = []
