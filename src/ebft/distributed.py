@@ -11,7 +11,8 @@ and walk the blocks in lockstep. Per block:
   of the batch's tokens, and the gradients are summed over the processes (one flat all-reduce), so
   every process steps with the gradient of the whole batch (up to floating-point summation order);
 * the tuned block's state is broadcast from rank 0, so the processes never drift apart;
-* the no-grad passes (losses, propagation to the next block) run on every process.
+* the no-grad passes that follow (losses, propagation to the next block) are split by windows too,
+  and the outputs gathered into every process's buffer.
 
 Only rank 0 writes checkpoints, the model and ``report.json``, and shows logs and progress bars.
 The backend is gloo on the CPU and NCCL on CUDA, one GPU per process (``cuda:LOCAL_RANK``).
@@ -148,6 +149,30 @@ class DistContext:
                     t.copy_(as_bytes.bool())
                 else:
                     dist.broadcast(t, src=0)
+
+    def share_rows_(self, buffer: torch.Tensor, chunk_bytes: int = 256 * 2**20) -> None:
+        """Give every process all rows of ``buffer`` (dim 0), each process having filled its :meth:`shard`.
+
+        ``buffer`` may live on the CPU under NCCL: it then travels through the GPU in chunks.
+        """
+        import torch.distributed as dist
+
+        n = buffer.shape[0]
+        row_bytes = max(1, buffer[0].numel() * buffer.element_size()) if n else 1
+        step = max(1, chunk_bytes // row_bytes)
+        via_device = self.backend == "nccl" and buffer.device != self.device
+        with self._collective("sharing activations"):
+            for r in range(self.world_size):
+                part = self.shard(n, r)
+                for start in range(part.start, part.stop, step):
+                    rows = buffer[start : min(part.stop, start + step)]
+                    if not via_device:
+                        dist.broadcast(rows, src=r)
+                        continue
+                    moved = rows.to(self.device)
+                    dist.broadcast(moved, src=r)
+                    if r != self.rank:
+                        rows.copy_(moved)
 
     def close(self) -> None:
         import torch.distributed as dist

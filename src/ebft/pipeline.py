@@ -116,19 +116,44 @@ def restore_reason(init_loss: float, final_loss: float, holdout_init: float | No
 
 
 def _losses(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, kwargs: dict[str, Any],
-            batch_size: int, n_train: int, out: torch.Tensor | None = None) -> tuple[float, float | None]:
+            batch_size: int, n_train: int, out: torch.Tensor | None = None,
+            dist: DistContext | None = None) -> tuple[float, float | None]:
     """MSE against ``targets`` on all windows and on the held-out ones (``inputs[n_train:]``).
 
     With ``out``, the block's outputs are written there (it may be ``inputs`` or ``targets``).
+    Under torchrun each process runs its share of the windows, and every process gets all outputs.
     """
     n = inputs.shape[0]
     losses = []
     for a, b in _parts(n, n_train):
-        loss = run_block(block, inputs[a:b], kwargs, batch_size, out=None if out is None else out[a:b],
-                         targets=targets[a:b])
+        loss = _run_shared(block, inputs[a:b], kwargs, batch_size, None if out is None else out[a:b], targets[a:b],
+                           dist)
         losses.append((loss, b - a))
     total = sum(loss * count for loss, count in losses) / n
     return total, losses[1][0] if len(losses) > 1 else None
+
+
+def _run_shared(block: nn.Module, inputs: torch.Tensor, kwargs: dict[str, Any], batch_size: int,
+                out: torch.Tensor | None, targets: torch.Tensor | None, dist: DistContext | None) -> float | None:
+    """:func:`run_block`; under torchrun split over the processes (losses all-reduced, outputs shared)."""
+    if dist is None:
+        return run_block(block, inputs, kwargs, batch_size, out=out, targets=targets)
+    n = inputs.shape[0]
+    mine = dist.shard(n)
+    rows = mine.stop - mine.start
+    loss = None
+    if rows:
+        loss = run_block(block, inputs[mine], kwargs, batch_size, out=None if out is None else out[mine],
+                         targets=None if targets is None else targets[mine])
+    if out is not None:
+        dist.share_rows_(out)
+    if targets is None:
+        return None
+    per_row = targets[0].numel()
+    stats = torch.tensor([loss * rows * per_row if rows else 0.0, float(rows * per_row)], dtype=torch.float64,
+                         device=dist.device)
+    dist.all_reduce_(stats)
+    return float(stats[0] / stats[1])
 
 
 def _parts(n: int, n_train: int) -> list[tuple[int, int]]:
@@ -136,10 +161,11 @@ def _parts(n: int, n_train: int) -> list[tuple[int, int]]:
     return [(0, n_train), (n_train, n)] if 0 < n_train < n else [(0, n)]
 
 
-def _propagate(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], batch_size: int, n_train: int) -> None:
+def _propagate(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], batch_size: int, n_train: int,
+               dist: DistContext | None = None) -> None:
     """``hidden <- block(hidden)`` in place, in the same batches as :func:`_losses`."""
     for a, b in _parts(hidden.shape[0], n_train):
-        run_block(block, hidden[a:b], kwargs, batch_size, out=hidden[a:b])
+        _run_shared(block, hidden[a:b], kwargs, batch_size, hidden[a:b], None, dist)
 
 
 class EarlyStopping:
@@ -329,7 +355,7 @@ def _prune_block(
     if tuner is None:
         with calibration_context(model):
             # each batch is compared with its targets before its outputs overwrite them
-            loss, holdout = _losses(block, hidden, targets, kwargs, batch_size, n_train, out=targets)
+            loss, holdout = _losses(block, hidden, targets, kwargs, batch_size, n_train, out=targets, dist=dist)
         report = BlockReport(index, loss, loss, 0.0, holdout_init_loss=holdout, holdout_final_loss=holdout)
         blocks.blocks[index].to("cpu")
         return report, targets, hidden
@@ -337,7 +363,7 @@ def _prune_block(
     with calibration_context(model):
         untuned = {k: v.detach().clone() for k, v in block.state_dict().items()}
         untuned_masks = {k: v.clone() for k, v in block_masks.items()}
-        init_loss, holdout_init = _losses(block, hidden, targets, kwargs, batch_size, n_train)
+        init_loss, holdout_init = _losses(block, hidden, targets, kwargs, batch_size, n_train, dist=dist)
     stopper = None
     extra: dict[str, Any] = {}
     if finetune.patience is not None and holdout_init is not None:
@@ -354,7 +380,8 @@ def _prune_block(
         dist.broadcast_([*block.state_dict().values(), *block_masks.values()])
     with calibration_context(model):
         # each batch is compared with its targets before its outputs overwrite them
-        final_loss, holdout_final = _losses(block, hidden, targets, kwargs, batch_size, n_train, out=targets)
+        final_loss, holdout_final = _losses(block, hidden, targets, kwargs, batch_size, n_train, out=targets,
+                                            dist=dist)
         if result.restored is None:
             result.restored = restore_reason(init_loss, final_loss, holdout_init, holdout_final)
         if result.restored is None:
@@ -365,7 +392,7 @@ def _prune_block(
             for key, mask in untuned_masks.items():
                 block_masks[key].copy_(mask)
             final_loss, holdout_final = init_loss, holdout_init
-            _propagate(block, hidden, kwargs, batch_size, n_train)
+            _propagate(block, hidden, kwargs, batch_size, n_train, dist)
     for name in linears:  # mask-refining tuners (DSnoT, ebft-mask) change the masks in place
         masks[name] = block_masks[name[len(prefix):] + ".weight"].cpu()
     report = BlockReport(
