@@ -42,9 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it already holds something")
     p.add_argument("--resume", action="store_true",
                    help="continue the unfinished run of --out (same flags) from its last finished block")
-    p.add_argument("--pruner", default="wanda", help="magnitude, wanda or sparsegpt (default wanda)")
-    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights removed, in [0, 1) (default 0.5)")
+    p.add_argument("--pruner", default=None, help="magnitude, wanda or sparsegpt (default wanda)")
+    p.add_argument("--sparsity", type=float, default=None, help="fraction of weights removed, in [0, 1) (default 0.5)")
     p.add_argument("--nm", default=None, help="N:M semi-structured sparsity instead of --sparsity, e.g. 2:4 or 4:8")
+    p.add_argument("--structured", type=float, default=None, metavar="RATIO",
+                   help="instead of --sparsity/--nm: remove this fraction of the blocks' parameters as whole attention "
+                        "heads and MLP channels, giving smaller matrices (e.g. 0.25)")
+    p.add_argument("--structured-score", default=None,
+                   help="--structured importance: fluctuation (FLAP: input variance x weight column norm, default) "
+                        "or magnitude")
     p.add_argument("--finetune", default="ebft",
                    help="none, ebft, ebft-mask (mask tuning), dsnot (training-free mask refinement), or lora: the baseline that "
                         "fine-tunes the whole pruned model with LoRA, then merges and re-masks it (default ebft)")
@@ -103,11 +109,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _structured_flags(args: argparse.Namespace) -> dict:
+    """PruneConfig's --structured fields, refusing the flags that do not combine with them."""
+    if args.structured is None:
+        if args.structured_score is not None:
+            raise UsageError("--structured-score needs --structured RATIO")
+        return {}
+    if args.sparsity is not None or args.nm is not None:
+        raise UsageError("--structured removes whole heads and channels; it does not combine with --sparsity or --nm")
+    if args.pruner is not None:
+        raise UsageError("--structured chooses heads and channels by --structured-score, not --pruner; drop --pruner")
+    return {"structured": args.structured, "structured_score": args.structured_score or "fluctuation"}
+
+
 def _run_config(args: argparse.Namespace) -> RunConfig:
     return RunConfig(
         model=args.model,
         out=args.out,
-        prune=PruneConfig(pruner=args.pruner, sparsity=args.sparsity, nm=parse_nm(args.nm)),
+        prune=PruneConfig(pruner=args.pruner or "wanda", sparsity=0.5 if args.sparsity is None else args.sparsity,
+                          nm=parse_nm(args.nm), **_structured_flags(args)),
         calib=CalibConfig(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed),
         finetune=FinetuneConfig(
             method=args.finetune, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
@@ -130,8 +150,16 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     report = run_prune(cfg, overwrite=args.overwrite, resume=args.resume)
     blocks = report["blocks"]
     improved = sum(1 for b in blocks if b["final_loss"] < b["init_loss"])
-    print(f"pruned {report['model']['source']} to {report['sparsity']['overall']:.2%} sparsity "
-          f"({cfg.prune.pruner}, {cfg.prune.label}, finetune {cfg.finetune.method})")
+    if "structured" in report:
+        st = report["structured"]
+        print(f"removed {st['achieved']:.2%} of {report['model']['source']}'s block parameters (asked "
+              f"{st['requested']:.2%}): heads {st['heads'][0]} -> {st['heads'][1]}, key/value heads "
+              f"{st['kv_heads'][0]} -> {st['kv_heads'][1]}, MLP channels {st['intermediate'][0]} -> "
+              f"{st['intermediate'][1]}; {st['parameters_before']:,} -> {st['parameters_after']:,} parameters "
+              f"(score {st['score']}, finetune {cfg.finetune.method})")
+    else:
+        print(f"pruned {report['model']['source']} to {report['sparsity']['overall']:.2%} sparsity "
+              f"({cfg.prune.pruner}, {cfg.prune.label}, finetune {cfg.finetune.method})")
     if "lora" in report:
         lora = report["lora"]
         print(f"lora: {lora['trainable_parameters']} trainable parameters, {lora['steps']} steps, causal-LM loss "

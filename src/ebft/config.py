@@ -50,6 +50,14 @@ class PruneConfig:
     nm: tuple[int, int] | None = field(
         default=None, metadata={"help": "N:M semi-structured sparsity, e.g. (2, 4); overrides sparsity"}
     )
+    structured: float | None = field(
+        default=None,
+        metadata={"help": "remove this fraction of the blocks' linear parameters as whole attention heads and MLP "
+                          "channels, in [0, 1) (ebft.structured); replaces sparsity and the pruner"},
+    )
+    structured_score: str = field(
+        default="fluctuation", metadata={"help": "structured importance: fluctuation (FLAP) or magnitude"}
+    )
 
     def __post_init__(self) -> None:
         from ebft.pruners import PRUNERS
@@ -58,7 +66,9 @@ class PruneConfig:
             raise UsageError(f"--pruner {self.pruner!r} is unknown; choose one of: {', '.join(sorted(PRUNERS))}")
         if isinstance(self.nm, str):
             self.nm = parse_nm(self.nm)
-        if self.nm is not None:
+        if self.structured is not None:
+            self._check_structured()
+        elif self.nm is not None:
             n, m = self.nm
             if m < 2 or not 1 <= n < m:
                 raise UsageError(f"--nm {n}:{m}: N must satisfy 1 <= N < M (for example 2:4 or 4:8)")
@@ -66,8 +76,25 @@ class PruneConfig:
         elif not (isinstance(self.sparsity, (int, float)) and math.isfinite(self.sparsity) and 0.0 <= self.sparsity < 1.0):
             raise UsageError(f"--sparsity must be in [0, 1) (0.5 removes half the weights); got {self.sparsity!r}")
 
+    def _check_structured(self) -> None:
+        from ebft.structured import SCORES
+
+        ratio = self.structured
+        if isinstance(ratio, bool) or not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and 0.0 <= ratio < 1.0):
+            raise UsageError(f"--structured must be in [0, 1) (0.25 removes a quarter of the blocks' parameters); "
+                             f"got {ratio!r}")
+        if self.nm is not None:
+            raise UsageError("--structured removes whole heads and channels; it does not combine with --sparsity "
+                             "or --nm")
+        if self.structured_score not in SCORES:
+            raise UsageError(f"--structured-score {self.structured_score!r} is unknown; choose one of: "
+                             f"{', '.join(SCORES)}")
+        self.sparsity = 0.0  # no unstructured sparsity inside the kept matrices
+
     @property
     def label(self) -> str:
+        if self.structured is not None:
+            return f"structured {self.structured:.0%}"
         return f"{self.nm[0]}:{self.nm[1]}" if self.nm else f"{self.sparsity:.0%}"
 
 

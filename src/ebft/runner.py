@@ -77,6 +77,10 @@ def validate_inputs(cfg: RunConfig, overwrite: bool = False, resume: bool = Fals
     skeleton = meta_model(config)
     if skeleton is not None:
         check_nm_divisible(find_blocks(skeleton), cfg.prune.nm)
+    if cfg.prune.structured is not None:
+        from ebft.structured_pipeline import check_structured_run
+
+        check_structured_run(cfg.prune, cfg.finetune.method, skeleton, config)
     if cfg.out is not None:
         check_disk_space(Path(cfg.out), estimate_out_bytes(config, cfg.calib.nsamples, cfg.calib.seqlen, skeleton))
     return plan
@@ -240,6 +244,9 @@ def run_prune(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer: tupl
         if checkpoint is not None:
             t = time.perf_counter()
             checkpoint.stage_model(model, tokenizer, save_model)
+            if "structured" in report:  # the smaller model's size on disk
+                staged = checkpoint.folder / "final" / "model"
+                report["structured"]["model_file_bytes"] = sum(f.stat().st_size for f in staged.glob("*.safetensors"))
             timings["save"] = time.perf_counter() - t
             timings["total"] = time.perf_counter() - t0
             report["timings"] = timings
@@ -263,8 +270,15 @@ def _prune_and_evaluate(cfg: RunConfig, model: nn.Module, calib: torch.Tensor, e
     t = time.perf_counter()
     torch.manual_seed(cfg.calib.seed)
     block_finetune = dataclasses.replace(cfg.finetune, method="none") if lora else cfg.finetune
-    result = prune_and_finetune(model, calib, cfg.prune, block_finetune, device, seed=cfg.calib.seed,
-                                checkpoint=checkpoint)
+    if cfg.prune.structured is not None:
+        from ebft.structured_pipeline import structured_prune_and_finetune
+
+        result = structured_prune_and_finetune(model, calib, cfg.prune, block_finetune, device, seed=cfg.calib.seed,
+                                               checkpoint=checkpoint)
+        report["structured"] = result.summary
+    else:
+        result = prune_and_finetune(model, calib, cfg.prune, block_finetune, device, seed=cfg.calib.seed,
+                                    checkpoint=checkpoint)
     timings["prune_finetune"] = time.perf_counter() - t
     report["blocks"] = result.block_dicts()
     if checkpoint is not None and checkpoint.resumes:
