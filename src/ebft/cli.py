@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--structured-score", default=None,
                    help="--structured importance: fluctuation (FLAP: input variance x weight column norm, default) "
                         "or magnitude")
+    p.add_argument("--percdamp", type=float, default=None,
+                   help="sparsegpt: Hessian dampening, a fraction of its mean diagonal (default 0.01)")
     p.add_argument("--finetune", default="ebft",
                    help="none, ebft, ebft-mask (mask tuning), dsnot (training-free mask refinement), or lora: the baseline that "
                         "fine-tunes the whole pruned model with LoRA, then merges and re-masks it (default ebft)")
@@ -76,12 +78,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-dropout", type=float, default=0.0, help="lora: dropout on the adapters' inputs (default 0)")
     p.add_argument("--lora-targets", default=",".join(LORA_TARGETS),
                    help="lora: comma-separated decoder-block linear layers that get adapters (default: all of them)")
+    p.add_argument("--dsnot-cycles", type=int, default=None,
+                   help="dsnot: most prune-and-grow swaps per output row (default 50)")
+    p.add_argument("--dsnot-threshold", type=float, default=None,
+                   help="dsnot: a row stops swapping once |its expected output error| is below this (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and training order")
     p.add_argument("--eval", action="append", default=[], metavar="SOURCE",
                    help="evaluate perplexity on SOURCE after pruning (repeatable), e.g. wikitext2")
     p.add_argument("--eval-seqlen", type=int, default=1024, help="tokens per evaluation window (default 1024)")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     p.add_argument("--eval-dense", action="store_true", help="also evaluate the model before pruning")
+    p.add_argument("--offload", default="none",
+                   help="calibration activations: none or cpu (in RAM, default) or disk (memory-mapped files in the "
+                        "run's work folder, removed at the end)")
     _common(p)
 
     e = sub.add_parser("eval", help="perplexity on a data source and/or zero-shot accuracy on lm-eval tasks")
@@ -106,7 +115,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default runs/demo)")
     d.add_argument("--overwrite", action="store_true", default=True, help=argparse.SUPPRESS)
     _common(d)
+
+    w = sub.add_parser("sweep", help="run a grid of prune runs from a YAML config (resumable); tables and plots")
+    w.add_argument("config", type=Path, help="YAML file with grid: (axes, lists) and fixed: (settings)")
+    w.add_argument("--out", type=Path, default=None, help="output folder (default: the config's out, else runs/NAME)")
+    w.add_argument("--dry-run", action="store_true", help="check the config, list the cells and stop")
+    w.add_argument("--keep-models", action="store_true", help="save each cell's model under OUT/models/ (large)")
+    _output_flags(w)
+
+    r = sub.add_parser("report", help="render a run's report.json as report.md (and report.html) with plots")
+    r.add_argument("folder", type=Path, help="a run folder written by ebft prune --out")
+    r.add_argument("--html", action="store_true", help="also write report.html")
+    _output_flags(r)
     return parser
+
+
+def _output_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
+    p.add_argument("--quiet", action="store_true", help="only warnings and the final results")
 
 
 def _structured_flags(args: argparse.Namespace) -> dict:
@@ -127,19 +154,20 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
         model=args.model,
         out=args.out,
         prune=PruneConfig(pruner=args.pruner or "wanda", sparsity=0.5 if args.sparsity is None else args.sparsity,
-                          nm=parse_nm(args.nm), **_structured_flags(args)),
+                          nm=parse_nm(args.nm), percdamp=args.percdamp, **_structured_flags(args)),
         calib=CalibConfig(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed),
         finetune=FinetuneConfig(
             method=args.finetune, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
             weight_decay=args.weight_decay, grad_clip=args.grad_clip, precision=args.precision,
             holdout_fraction=args.holdout_fraction, patience=args.patience,
             lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-            lora_targets=args.lora_targets,
+            lora_targets=args.lora_targets, dsnot_cycles=args.dsnot_cycles, dsnot_threshold=args.dsnot_threshold,
         ),
         eval=EvalConfig(sources=list(args.eval), seqlen=args.eval_seqlen, max_windows=args.max_windows),
         device=args.device,
         data_dir=args.data_dir,
         eval_dense=args.eval_dense,
+        offload=args.offload,
     )
 
 
@@ -147,7 +175,14 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from ebft.runner import run_prune
 
     cfg = _run_config(args)
-    report = run_prune(cfg, overwrite=args.overwrite, resume=args.resume)
+    dist = _join_torchrun(args.device)
+    try:
+        report = run_prune(cfg, overwrite=args.overwrite, resume=args.resume, dist=dist)
+    finally:
+        if dist is not None:
+            dist.close()
+    if dist is not None and not dist.is_main:
+        return 0  # rank 0 prints the results
     blocks = report["blocks"]
     improved = sum(1 for b in blocks if b["final_loss"] < b["init_loss"])
     if "structured" in report:
@@ -179,6 +214,17 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         print(f"perplexity on {source}: {ppl:.3f}")
     print(f"wrote {args.out}/model and {args.out}/report.json in {report['timings']['total']:.0f} s")
     return 0
+
+
+def _join_torchrun(device: str):
+    """Under ``torchrun --nproc-per-node K`` (K > 1): join the job; only rank 0 logs below warnings and shows bars."""
+    from ebft.distributed import init_from_env
+
+    dist = init_from_env(device)
+    if dist is not None and not dist.is_main:
+        logging.getLogger("ebft").setLevel(logging.WARNING)
+        os.environ["TQDM_DISABLE"] = "1"
+    return dist
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -261,6 +307,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from ebft.sweep import check_sweep, describe, load_sweep, run_sweep
+
+    sweep = load_sweep(args.config, out=args.out, keep_models=True if args.keep_models else None)
+    plan = check_sweep(sweep)
+    print(f"sweep {args.config}: {len(sweep.cells)} cells, {len(plan.done)} finished, {len(plan.todo)} to run "
+          f"-> {sweep.out}")
+    if args.dry_run:
+        for line in describe(sweep, plan):
+            print(f"  {line}")
+        return 0
+    result = run_sweep(sweep, plan)
+    print(f"ran {len(result.computed)} cell(s), skipped {len(result.skipped)} finished; wrote {result.summary}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from ebft.report import render_report
+
+    written = render_report(args.folder, html_page=args.html)
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
 def _setup_logging(args: argparse.Namespace) -> None:
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
@@ -276,8 +346,13 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    words = sys.argv[1:] if argv is None else argv
+    if "--quiet" in words and "tqdm" not in sys.modules:
+        # every tqdm bar, ours and third-party ones such as transformers' GGUF conversion, which ignores
+        # transformers' own switch; tqdm (>= 4.66) reads TQDM_* variables once, when it is imported
+        os.environ["TQDM_DISABLE"] = "1"
     parser = build_parser()
-    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in words
     try:
         args = parser.parse_args(argv)
         _setup_logging(args)
@@ -287,7 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        handler = {"prune": _cmd_prune, "eval": _cmd_eval, "demo": _cmd_demo}[args.command]
+        handler = {"prune": _cmd_prune, "eval": _cmd_eval, "demo": _cmd_demo, "sweep": _cmd_sweep,
+                   "report": _cmd_report}[args.command]
         return handler(args)
     except EbftError as exc:
         if debug:

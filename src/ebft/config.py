@@ -15,6 +15,8 @@ from ebft.errors import UsageError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+#: Where the calibration activations live: RAM (none and cpu alike) or memory-mapped files (disk).
+OFFLOADS = ("none", "cpu", "disk")
 #: Methods that fine-tune the whole pruned model after pruning, not block by block (see ebft.finetune.lora).
 MODEL_FINETUNERS = frozenset({"lora"})
 #: LoRA's default targets: every linear layer of a decoder block (attention and MLP).
@@ -58,6 +60,10 @@ class PruneConfig:
     structured_score: str = field(
         default="fluctuation", metadata={"help": "structured importance: fluctuation (FLAP) or magnitude"}
     )
+    percdamp: float | None = field(
+        default=None,
+        metadata={"help": "sparsegpt: Hessian dampening as a fraction of its mean diagonal (None: 0.01)"},
+    )
 
     def __post_init__(self) -> None:
         from ebft.pruners import PRUNERS
@@ -75,6 +81,17 @@ class PruneConfig:
             self.sparsity = 1.0 - n / m
         elif not (isinstance(self.sparsity, (int, float)) and math.isfinite(self.sparsity) and 0.0 <= self.sparsity < 1.0):
             raise UsageError(f"--sparsity must be in [0, 1) (0.5 removes half the weights); got {self.sparsity!r}")
+        if self.percdamp is not None:
+            if self.pruner != "sparsegpt":
+                raise UsageError(f"--percdamp applies only to --pruner sparsegpt, not {self.pruner}; drop it")
+            if isinstance(self.percdamp, bool) or not (
+                isinstance(self.percdamp, (int, float)) and math.isfinite(self.percdamp) and self.percdamp >= 0
+            ):
+                raise UsageError(f"--percdamp must be a number >= 0 (0.01 is typical); got {self.percdamp!r}")
+
+    def pruner_options(self) -> dict[str, float]:
+        """Keyword arguments for the pruner's constructor beyond sparsity and N:M."""
+        return {} if self.percdamp is None else {"percdamp": float(self.percdamp)}
 
     def _check_structured(self) -> None:
         from ebft.structured import SCORES
@@ -148,6 +165,13 @@ class FinetuneConfig:
     lora_targets: tuple[str, ...] = field(
         default=LORA_TARGETS, metadata={"help": "lora: names of the decoder-block linear layers that get adapters"}
     )
+    dsnot_cycles: int | None = field(
+        default=None, metadata={"help": "dsnot: most prune-and-grow swaps per output row (None: 50)"}
+    )
+    dsnot_threshold: float | None = field(
+        default=None,
+        metadata={"help": "dsnot: a row stops once |its expected output error| falls below this (None: 0.1)"},
+    )
 
     def __post_init__(self) -> None:
         from ebft.finetune import FINETUNERS
@@ -191,6 +215,16 @@ class FinetuneConfig:
             raise UsageError(
                 f"--lora-targets expects comma-separated layer names such as q_proj,v_proj; got {self.lora_targets!r}"
             )
+        for flag, value in (("--dsnot-cycles", self.dsnot_cycles), ("--dsnot-threshold", self.dsnot_threshold)):
+            if value is not None and self.method != "dsnot":
+                raise UsageError(f"{flag} applies only to --finetune dsnot, not {self.method}; drop it")
+        if self.dsnot_cycles is not None:
+            _positive_int(self.dsnot_cycles, "--dsnot-cycles")
+        if self.dsnot_threshold is not None and (isinstance(self.dsnot_threshold, bool) or not (
+            isinstance(self.dsnot_threshold, (int, float)) and math.isfinite(self.dsnot_threshold)
+            and self.dsnot_threshold >= 0
+        )):
+            raise UsageError(f"--dsnot-threshold must be a number >= 0; got {self.dsnot_threshold!r}")
 
 
 @dataclass
@@ -222,10 +256,14 @@ class RunConfig:
     device: str = "auto"
     data_dir: Path | None = None
     eval_dense: bool = False
+    offload: str = field(default="none", metadata={"help": "calibration activations in RAM (none, cpu) or in "
+                                                           "memory-mapped files in the run's work folder (disk)"})
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise UsageError(f"--device {self.device!r} is unknown; choose one of: {', '.join(DEVICES)}")
+        if self.offload not in OFFLOADS:
+            raise UsageError(f"--offload {self.offload!r} is unknown; choose one of: {', '.join(OFFLOADS)}")
 
     def to_dict(self) -> dict:
         """A JSON-ready copy (paths as strings, tuples as lists)."""

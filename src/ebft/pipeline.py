@@ -244,7 +244,7 @@ def prune_and_finetune(
     blocks = find_blocks(model)
     check_nm_divisible(blocks, prune.nm)
     model.requires_grad_(False)
-    pruner = PRUNERS[prune.pruner](sparsity=prune.sparsity, nm=prune.nm)
+    pruner = PRUNERS[prune.pruner](sparsity=prune.sparsity, nm=prune.nm, **prune.pruner_options())
     tuner_cls = FINETUNERS[finetune.method]
     tuner = tuner_cls(finetune, seed=seed) if tuner_cls is not None else None
     if tuner is not None:

@@ -8,7 +8,7 @@ import platform
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -27,6 +27,9 @@ from ebft.models.loading import load_config
 from ebft.pipeline import check_nm_divisible, holdout_count, prune_and_finetune
 from ebft.sparsity import mask_stats, weight_sparsity
 
+if TYPE_CHECKING:
+    from ebft.distributed import DistContext
+
 logger = logging.getLogger(__name__)
 
 
@@ -41,7 +44,7 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def validate_inputs(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> str | None:
+def validate_inputs(cfg: RunConfig, overwrite: bool = False, resume: bool = False, processes: int = 1) -> str | None:
     """Every check that needs no model weights: output folder, flags, data sources, model, disk space.
 
     Returns what ``--out`` allows (see :func:`ebft.checkpoint.plan_run`), or ``None`` without ``--out``.
@@ -82,7 +85,10 @@ def validate_inputs(cfg: RunConfig, overwrite: bool = False, resume: bool = Fals
 
         check_structured_run(cfg.prune, cfg.finetune.method, skeleton, config)
     if cfg.out is not None:
-        check_disk_space(Path(cfg.out), estimate_out_bytes(config, cfg.calib.nsamples, cfg.calib.seqlen, skeleton))
+        needed = estimate_out_bytes(config, cfg.calib.nsamples, cfg.calib.seqlen, skeleton)
+        if cfg.offload == "disk":  # both activation buffers, for every process of a torchrun job
+            needed["offloaded activations"] = needed["activations"] * processes
+        check_disk_space(Path(cfg.out), needed)
     return plan
 
 
@@ -169,7 +175,8 @@ def evaluate_all(model: nn.Module, windows: dict[str, torch.Tensor], device: tor
 
 
 def run_prune(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer: tuple[nn.Module, Any] | None = None,
-              resume: bool = False, windows: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None) -> dict:
+              resume: bool = False, windows: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None,
+              dist: DistContext | None = None) -> dict:
     """Run the whole job described by ``cfg``; returns the report (also written to ``cfg.out``).
 
     ``windows``: the calibration ids and the evaluation ids by source, already built for ``cfg``
@@ -180,7 +187,11 @@ def run_prune(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer: tupl
     """
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    plan = validate_inputs(cfg, overwrite, resume)
+    plan = validate_inputs(cfg, overwrite, resume, processes=1 if dist is None else dist.world_size)
+    if dist is not None:  # torchrun: every process has checked --out before rank 0 writes to it
+        dist.barrier()
+        if plan in ("finished", "publish") and not dist.is_main:
+            return {}
     out = Path(cfg.out) if cfg.out is not None else None
     if plan == "finished":
         logger.info("%s already holds this run, finished; nothing to resume", out)
@@ -188,7 +199,7 @@ def run_prune(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer: tupl
     if plan == "publish":
         logger.info("%s: the run had finished; publishing it", out)
         return publish_staged(out)  # type: ignore[arg-type]
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device) if dist is None else dist.device
 
     if model_and_tokenizer is None:
         loaded = load_model(cfg.model)
@@ -230,17 +241,23 @@ def run_prune(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer: tupl
         "precision": resolve_precision(cfg.finetune.precision, device) if cfg.finetune.method != "none" else None,
         "host": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()},
     }
-    if cfg.eval_dense and eval_windows:
+    if cfg.eval_dense and eval_windows and (dist is None or dist.is_main):
         t = time.perf_counter()
         dense = evaluate_all(model, eval_windows, device, "dense")
         report["eval_dense"] = {s: r["perplexity"] for s, r in dense.items()}
         timings["eval_dense"] = time.perf_counter() - t
 
     checkpoint = None
-    if out is not None:
+    if out is not None and (dist is None or dist.is_main):
         checkpoint = Checkpoint.open(out, cfg.to_dict(), fingerprint(calib), resume=plan == "resume")
+    if dist is not None:  # the work folder is ready; the other processes read a resumed run from it
+        dist.barrier()
+        if out is not None and not dist.is_main:
+            checkpoint = Checkpoint.follow(out)
     try:
-        model = _prune_and_evaluate(cfg, model, calib, eval_windows, device, report, timings, checkpoint)
+        model = _prune_and_evaluate(cfg, model, calib, eval_windows, device, report, timings, checkpoint, dist)
+        if dist is not None and not dist.is_main:
+            return {}  # rank 0 evaluates, saves and reports
         if checkpoint is not None:
             t = time.perf_counter()
             checkpoint.stage_model(model, tokenizer, save_model)
@@ -264,7 +281,7 @@ def run_prune(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer: tupl
 
 def _prune_and_evaluate(cfg: RunConfig, model: nn.Module, calib: torch.Tensor, eval_windows: dict[str, torch.Tensor],
                         device: torch.device, report: dict[str, Any], timings: dict[str, float],
-                        checkpoint: Checkpoint | None) -> nn.Module:
+                        checkpoint: Checkpoint | None, dist: DistContext | None = None) -> nn.Module:
     """Prune + repair (+ LoRA), sparsity statistics and evaluation, into ``report``; returns the model."""
     lora = cfg.finetune.method == "lora"
     t = time.perf_counter()
@@ -278,7 +295,9 @@ def _prune_and_evaluate(cfg: RunConfig, model: nn.Module, calib: torch.Tensor, e
         report["structured"] = result.summary
     else:
         result = prune_and_finetune(model, calib, cfg.prune, block_finetune, device, seed=cfg.calib.seed,
-                                    checkpoint=checkpoint)
+                                    checkpoint=checkpoint, dist=dist, offload_dir=_offload_dir(cfg))
+    if dist is not None and not dist.is_main:
+        return model
     timings["prune_finetune"] = time.perf_counter() - t
     report["blocks"] = result.block_dicts()
     if checkpoint is not None and checkpoint.resumes:
@@ -302,6 +321,15 @@ def _prune_and_evaluate(cfg: RunConfig, model: nn.Module, calib: torch.Tensor, e
     report["eval_details"] = details
     timings["eval"] = time.perf_counter() - t
     return model
+
+
+def _offload_dir(cfg: RunConfig) -> Path | None:
+    """Where ``--offload disk`` keeps the activation buffers: inside the run's work folder."""
+    if cfg.offload != "disk":
+        return None
+    if cfg.out is None:
+        raise UsageError("--offload disk needs --out: its buffers live in the run's work folder")
+    return work_dir(Path(cfg.out)) / "offload"
 
 
 def _keep_or_discard(checkpoint: Checkpoint, nblocks: int) -> None:

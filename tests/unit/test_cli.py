@@ -266,3 +266,20 @@ def test_prune_help_lists_reliability_flags(capsys: pytest.CaptureFixture[str]) 
     out = capsys.readouterr().out
     for flag in ("--resume", "--holdout-fraction", "--patience", "--overwrite"):
         assert flag in out
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_quiet_silences_third_party_progress_bars(quiet: bool) -> None:
+    """--quiet turns off every tqdm bar, including ones that ignore transformers' switch (GGUF conversion)."""
+    script = (
+        "import sys\n"
+        "from ebft import cli\n"
+        "cli.build_parser = lambda: (_ for _ in ()).throw(SystemExit(0))  # stop right after the early setup\n"
+        "try:\n    cli.main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "from tqdm.auto import tqdm\n"
+        "for _ in tqdm(range(3), desc='Converting'):\n    pass\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    args = ["eval", "model", *(["--quiet"] if quiet else [])]
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, timeout=120)
+    assert ("Converting" in done.stderr) is not quiet, done.stderr

@@ -270,7 +270,8 @@ def test_run_prune_end_to_end(tiny_model_dir: Path, text_file: Path, tmp_path: P
     report = json.loads((out / "report.json").read_text())
     assert report == json.loads(json.dumps(returned))
     assert {"config", "blocks", "sparsity", "eval", "timings", "model"} <= set(report)
-    assert report["config"]["prune"] == {"pruner": "wanda", "sparsity": 0.5, "nm": None}
+    assert report["config"]["prune"] == {"pruner": "wanda", "sparsity": 0.5, "nm": None, "structured": None,
+                                         "structured_score": "fluctuation", "percdamp": None}
     assert report["config"]["calib"]["nsamples"] == 4
     assert report["model"]["blocks"] == 2
     assert [b["index"] for b in report["blocks"]] == [0, 1]
@@ -315,3 +316,24 @@ def test_run_prune_without_out(tiny_model_dir: Path, text_file: Path) -> None:
     report = run_prune(_run_config(tiny_model_dir, text_file, None, pruner="magnitude"))
     assert "save" not in report["timings"]
     assert report["sparsity"]["overall"] == 0.5
+
+
+def test_percdamp_reaches_sparsegpt(tiny_factory: Callable[..., nn.Module]) -> None:
+    """--percdamp changes SparseGPT's weight updates; the same value reproduces them exactly."""
+    none = FinetuneConfig(method="none")
+    weights = {}
+    for damp in (0.01, 0.01, 10.0):
+        model = tiny_factory("llama")
+        _run(model, PruneConfig("sparsegpt", 0.5, percdamp=damp), none)
+        weights.setdefault(damp, []).append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(weights[0.01][0], weights[0.01][1])
+    assert not torch.equal(weights[0.01][0], weights[10.0][0])
+
+
+def test_dsnot_flags_reach_the_tuner() -> None:
+    from ebft.finetune.dsnot import DSnoT
+
+    tuner = DSnoT(FinetuneConfig(method="dsnot", dsnot_cycles=3, dsnot_threshold=0.5))
+    assert (tuner.max_cycles, tuner.threshold) == (3, 0.5)
+    tuner = DSnoT(FinetuneConfig(method="dsnot"))
+    assert (tuner.max_cycles, tuner.threshold) == (50, 0.1)
