@@ -90,7 +90,7 @@ def main() -> int:
             times[name]["prefill"].append(_prefill(model, tokens, args.batch))
             times[name]["decode"].append(_decode(model, prompt, args.new_tokens))
 
-    result: dict = {"how": __doc__.split("\n\n")[1].replace("\n", " "), "tokens": {
+    result: dict = {"how": " ".join(__doc__.split("\n\n")[2].split()), "tokens": {
         "source": "wikitext2:test", "windows": int(tokens.shape[0]), "seqlen": args.seqlen,
         "prefill_tokens": int(tokens.numel()), "decode_prompt": int(prompt.shape[1]), "decode_new": args.new_tokens}}
     for name, model in models.items():
