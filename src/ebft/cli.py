@@ -175,6 +175,11 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from ebft.runner import run_prune
 
     cfg = _run_config(args)
+    if cfg.prune.structured is not None:
+        from ebft.distributed import torchrun_world
+
+        if torchrun_world() is not None:  # before joining: the other processes must not wait for this one
+            raise UsageError("--structured runs in one process; run it without torchrun")
     dist = _join_torchrun(args.device)
     try:
         report = run_prune(cfg, overwrite=args.overwrite, resume=args.resume, dist=dist)

@@ -49,6 +49,11 @@ def validate_inputs(cfg: RunConfig, overwrite: bool = False, resume: bool = Fals
 
     Returns what ``--out`` allows (see :func:`ebft.checkpoint.plan_run`), or ``None`` without ``--out``.
     """
+    if cfg.prune.structured is not None:  # the structured walk keeps its activations in RAM, in one process
+        if cfg.offload == "disk":
+            raise UsageError("--offload disk does not work with --structured yet; drop --offload")
+        if processes > 1:
+            raise UsageError("--structured runs in one process; run it without torchrun")
     plan = None
     if cfg.out is not None:
         plan = plan_run(Path(cfg.out), cfg.to_dict(), overwrite, resume)
