@@ -41,7 +41,7 @@ from ebft.capture import (
 from ebft.config import FinetuneConfig, PruneConfig
 from ebft.errors import EbftError
 from ebft.finetune import FINETUNERS
-from ebft.finetune.base import run_block
+from ebft.finetune.base import record_inputs, run_block
 from ebft.models.adapter import DecoderBlocks, find_blocks
 from ebft.pruners import PRUNERS
 
@@ -207,21 +207,6 @@ def _seeded(seed: int, index: int, device: torch.device) -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def _collect_activations(linears: dict[str, nn.Linear], pruner) -> Iterator[None]:
-    handles = []
-    for name, linear in linears.items():
-        def hook(module: nn.Module, args: tuple, output: Any, _name: str = name) -> None:
-            pruner.add_batch(_name, args[0].detach())
-
-        handles.append(linear.register_forward_hook(hook))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def prune_and_finetune(
     model: nn.Module,
     calib_ids: torch.Tensor,  # [nsamples, seqlen]
@@ -338,7 +323,7 @@ def _prune_block(
     prefix = blocks.block_name(index) + "."
     with calibration_context(model):
         # 1. dense targets and the pruner's activation statistics, in one pass over every window
-        hooks = _collect_activations(linears, pruner) if pruner.needs_activations else contextlib.nullcontext()
+        hooks = record_inputs(linears, pruner.add_batch) if pruner.needs_activations else contextlib.nullcontext()
         with hooks:
             run_block(block, hidden, kwargs, batch_size, out=targets)
         # 2. prune

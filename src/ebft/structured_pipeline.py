@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +33,7 @@ from ebft.capture import calibration_context, capture_block_kwargs, capture_firs
 from ebft.config import FinetuneConfig, PruneConfig
 from ebft.errors import EbftError, UsageError
 from ebft.finetune import FINETUNERS
-from ebft.finetune.base import run_block
+from ebft.finetune.base import record_inputs, run_block
 from ebft.models.adapter import DecoderBlocks, find_blocks
 from ebft.pipeline import (
     BlockReport,
@@ -105,22 +104,6 @@ def check_structured_run(prune: PruneConfig, finetune_method: str, model: nn.Mod
                     "linear parameters (asked %.4f)", plan.heads, plan.layout.num_heads, plan.kv_heads,
                     plan.layout.num_kv_heads, plan.intermediate, plan.layout.intermediate, plan.achieved,
                     plan.ratio)
-
-
-@contextlib.contextmanager
-def _record_inputs(stats: dict[str, ChannelStats], modules: dict[str, nn.Linear]) -> Iterator[None]:
-    """Feed every forward input of ``modules[name]`` into ``stats[name]``; always removes the hooks."""
-    handles = []
-    for name, module in modules.items():
-        def hook(mod: nn.Module, args: tuple, _name: str = name) -> None:
-            stats[_name].add(args[0])
-
-        handles.append(module.register_forward_pre_hook(hook))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def structured_prune_and_finetune(
@@ -228,7 +211,7 @@ def _shrink_block(
         # 1. dense targets and the input statistics of o_proj and down_proj, in one pass
         modules = {"o_proj": attn.o_proj, "down_proj": mlp.down_proj}
         stats = {name: ChannelStats(m.in_features) for name, m in modules.items()} if score == "fluctuation" else {}
-        with _record_inputs(stats, modules) if stats else contextlib.nullcontext():
+        with record_inputs(modules, lambda name, x: stats[name].add(x)) if stats else contextlib.nullcontext():
             run_block(block, hidden, kwargs, batch_size, out=targets)
         # 2. score, select, shrink
         variance = {name: s.variance() for name, s in stats.items()}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,6 +106,26 @@ def set_mask_(mask: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, dens
 def loss_lowered(init_loss: float, final_loss: float) -> bool:
     """Whether a mask change lowered the block's output MSE (by more than a relative 1e-6)."""
     return math.isfinite(final_loss) and final_loss < init_loss * (1 - 1e-6)
+
+
+@contextlib.contextmanager
+def record_inputs(modules: Mapping[str, nn.Module], sink: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    """Within the block, ``sink(name, x)`` gets every forward input ``x`` of ``modules[name]`` (detached).
+
+    The activation statistics of pruners, DSnoT and structured pruning all come through here; the
+    hooks are always removed on exit.
+    """
+    handles = []
+    for name, module in modules.items():
+        def hook(mod: nn.Module, args: tuple, _name: str = name) -> None:
+            sink(_name, args[0].detach())
+
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def block_device(block: nn.Module) -> torch.device:

@@ -30,10 +30,8 @@ detected from each mask (see :func:`detect_nm`).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +43,7 @@ from ebft.finetune.base import (
     BlockFinetuner,
     BlockResult,
     loss_lowered,
+    record_inputs,
     register_finetuner,
     restore_masked,
     run_block,
@@ -178,21 +177,6 @@ def dsnot_mask(
     return keep, swaps
 
 
-@contextlib.contextmanager
-def _record_inputs(modules: dict[str, nn.Module], stats: dict[str, _StatsAccumulator]) -> Iterator[None]:
-    handles = []
-    for key, module in modules.items():
-        def hook(mod: nn.Module, args: tuple, _key: str = key) -> None:
-            stats[_key].add(args[0])
-
-        handles.append(module.register_forward_pre_hook(hook))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 @register_finetuner("dsnot")
 class DSnoT(BlockFinetuner):
     """Training-free mask repair (:func:`dsnot_mask`) of every linear layer of a block.
@@ -236,7 +220,7 @@ class DSnoT(BlockFinetuner):
         result = BlockResult(tokens=inputs.shape[0] * inputs.shape[1])
 
         accumulators = {key: _StatsAccumulator() for key in masks}
-        with _record_inputs(modules, accumulators):
+        with record_inputs(modules, lambda key, x: accumulators[key].add(x)):
             init_loss = run_block(block, inputs, block_kwargs, batch_size, targets=targets)
         saved = save_masked(masks, params)
         err_before = err_after = 0.0
