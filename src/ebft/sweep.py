@@ -105,11 +105,18 @@ RUN_KEYS: dict[str, tuple[str, Any]] = {
     "lora_alpha": ("float", 16.0),
     "lora_dropout": ("float", 0.0),
     "lora_targets": ("strlist", None),
+    "percdamp": ("optfloat", None),
+    "dsnot_cycles": ("optint", None),
+    "dsnot_threshold": ("optfloat", None),
     "device": ("str", "auto"),
 }
 #: Settings that ``finetune: none`` ignores: cells that differ only in these collapse into one.
 TRAIN_KEYS = ("epochs", "lr", "batch_size", "weight_decay", "grad_clip", "precision", "holdout_fraction", "patience",
               "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+#: Settings that only one pruner or one method reads: key -> (setting, value). In other cells they are
+#: dropped, so that a grid can cross e.g. ``pruner`` with ``percdamp`` without asking Wanda for a dampening.
+ONLY_FOR = {"percdamp": ("pruner", "sparsegpt"), "dsnot_cycles": ("finetune", "dsnot"),
+            "dsnot_threshold": ("finetune", "dsnot")}
 #: Evaluation and bookkeeping settings, allowed in ``fixed`` only: key -> (kind, default).
 FIXED_KEYS: dict[str, tuple[str, Any]] = {
     "eval": ("strlist", ["wikitext2"]),
@@ -188,7 +195,9 @@ def _coerce(kind: str, value: Any, where: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         raise UsageError(f"{where} must be a whole number; got {value!r}")
-    if kind == "float":
+    if kind in ("float", "optfloat"):
+        if value is None and kind == "optfloat":
+            return None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if isinstance(value, str):
@@ -244,6 +253,10 @@ def _check_value(key: str, value: Any) -> None:
         FinetuneConfig(method=value)
     elif key in TRAIN_KEYS:
         FinetuneConfig(**{key: value})
+    elif key == "percdamp":
+        PruneConfig(pruner="sparsegpt", percdamp=value)
+    elif key in ("dsnot_cycles", "dsnot_threshold"):
+        FinetuneConfig(method="dsnot", **{key: value})
     elif key == "device":
         RunConfig(model="-", device=value)
 
@@ -348,13 +361,13 @@ def _run_config(settings: dict[str, Any], ev: EvalConfig, data_dir: Path | None)
     s = settings
     sparsity = s["sparsity"]
     nm = parse_nm(sparsity) if isinstance(sparsity, str) else None
-    finetune_args = {k: s[k] for k in TRAIN_KEYS if k in s and s[k] is not None}
+    finetune_args = {k: s[k] for k in (*TRAIN_KEYS, "dsnot_cycles", "dsnot_threshold") if s.get(k) is not None}
     if "lora_targets" in finetune_args:
         finetune_args["lora_targets"] = tuple(finetune_args["lora_targets"])
     return RunConfig(
         model=s["model"],
         out=None,
-        prune=PruneConfig(pruner=s["pruner"], sparsity=0.5 if nm else sparsity, nm=nm),
+        prune=PruneConfig(pruner=s["pruner"], sparsity=0.5 if nm else sparsity, nm=nm, percdamp=s.get("percdamp")),
         calib=CalibConfig(source=s["calib"], nsamples=s["nsamples"], seqlen=s["seqlen"], seed=s["seed"]),
         finetune=FinetuneConfig(method=s["finetune"], **finetune_args),
         eval=copy.deepcopy(ev),
@@ -462,6 +475,9 @@ def load_sweep(path: Path, out: Path | None = None, keep_models: bool | None = N
         settings = {**{k: v for k, v in fixed.items() if k in RUN_KEYS}, **dict(zip(axes, combo))}
         if settings["finetune"] == "none":  # training settings change nothing: these cells collapse into one
             for key in TRAIN_KEYS:
+                settings.pop(key, None)
+        for key, (owner, value) in ONLY_FOR.items():
+            if settings[owner] != value:
                 settings.pop(key, None)
         ident = cell_id(settings, axes)
         if ident in seen:
@@ -731,7 +747,7 @@ def _zeroshot(sweep: Sweep, resident: _Resident, backend: tuple[str, Any] | None
 
 
 def _run_dense(sweep: Sweep, resident: _Resident, backend: tuple[str, Any] | None) -> None:
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     resident.restore()
     device = _device(sweep)
     windows = resident.evaluation(sweep.eval, sweep.data_dir)
@@ -747,6 +763,7 @@ def _run_dense(sweep: Sweep, resident: _Resident, backend: tuple[str, Any] | Non
     if zs is not None:
         record["zeroshot"] = zs
     record["seconds"] = time.perf_counter() - start
+    record["cpu_seconds"] = time.process_time() - cpu_start  # unlike wall time, holds on a shared machine
     _write_record(sweep.cell_path(record["id"]), record)
     ppl = ", ".join(f"{s} {p:.2f}" for s, p in record["report"]["eval"].items())
     logger.info("dense %s: %s%s in %s", resident.model_spec, ppl,
@@ -755,7 +772,7 @@ def _run_dense(sweep: Sweep, resident: _Resident, backend: tuple[str, Any] | Non
 
 def _run_cell(sweep: Sweep, cell: Cell, resident: _Resident, backend: tuple[str, Any] | None) -> dict[str, Any]:
     """Restore the dense weights, run the cell, evaluate it, (keep its model,) write its record."""
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     resident.restore()
     cfg = cell.config
     windows = (resident.calibration(cfg), resident.evaluation(cfg.eval, cfg.data_dir))
@@ -780,6 +797,7 @@ def _run_cell(sweep: Sweep, cell: Cell, resident: _Resident, backend: tuple[str,
             save_model(resident.model, resident.tokenizer, tmp)
         record["model_dir"] = (Path("models") / cell.id).as_posix()
     record["seconds"] = time.perf_counter() - start
+    record["cpu_seconds"] = time.process_time() - cpu_start  # unlike wall time, holds on a shared machine
     _write_record(sweep.cell_path(cell.id), record)  # the cell counts as finished from here on
     _cell_plots(sweep, cell.id, record)
     return record
@@ -949,8 +967,9 @@ def _cells_table(page: Page, sweep: Sweep, cells: list[tuple[Cell, dict[str, Any
                 links.append(f"[{kind}]({path.relative_to(sweep.out).as_posix()})")
         rows.append([f"`{cell.id}`"] + [fmt(report.get("eval", {}).get(s)) for s in sweep.eval.sources] +
                     [improved, str(restored), fmt(timings.get("prune_finetune"), 0), fmt(record.get("seconds"), 0),
-                     " ".join(links)])
-    page.table(["cell", *sweep.eval.sources, "blocks improved", "restored", "prune+tune s", "cell s", "plots"], rows)
+                     fmt(record.get("cpu_seconds"), 0), " ".join(links)])
+    page.table(["cell", *sweep.eval.sources, "blocks improved", "restored", "prune+tune s", "cell s", "cell CPU s",
+                "plots"], rows)
 
 
 def _summary_plots(sweep: Sweep, cells: list[tuple[Cell, dict[str, Any]]],

@@ -88,6 +88,29 @@ def test_cells_and_ids(tiny_model_dir: Path, text_file: Path, tmp_path: Path) ->
     assert cell.config.calib.nsamples == 4 and cell.config.eval.max_windows == 2 and cell.config.device == "cpu"
 
 
+def test_pruner_and_method_settings_reach_only_their_cells(tiny_model_dir: Path, text_file: Path,
+                                                           tmp_path: Path) -> None:
+    grid = """  pruner: [wanda, sparsegpt]
+  finetune: [none, dsnot]
+  percdamp: [0.01, 0.1]"""
+    config = _config(tmp_path, tiny_model_dir, text_file, grid, "  dsnot_cycles: 3\n  dsnot_threshold: 0.5")
+    sweep = load_sweep(config)
+    # Wanda ignores percdamp (2 cells), SparseGPT crosses it (4 cells)
+    assert len(sweep.cells) == 6
+    by_id = {c.id: c for c in sweep.cells}
+    wanda = by_id["tiny-llama.wanda.s50.dsnot.text-pydoc.txt.n4.len32.seed0.e1.lr0.001.b2"]
+    assert "percdamp" not in wanda.settings and wanda.config.prune.percdamp is None
+    assert wanda.config.finetune.dsnot_cycles == 3 and wanda.config.finetune.dsnot_threshold == 0.5
+    gpt = by_id["tiny-llama.sparsegpt.s50.none.text-pydoc.txt.n4.len32.seed0.percdamp-0.1"]
+    assert gpt.config.prune.percdamp == 0.1 and "dsnot_cycles" not in gpt.settings
+    assert gpt.config.finetune.dsnot_cycles is None
+    assert by_id["tiny-llama.sparsegpt.s50.dsnot.text-pydoc.txt.n4.len32.seed0.e1.lr0.001.b2.percdamp-0.01"] \
+        .config.prune.percdamp == 0.01
+    config.write_text(config.read_text(encoding="utf-8").replace("0.01, 0.1", "0.01, -1"), encoding="utf-8")
+    with pytest.raises(UsageError, match=r"grid\.percdamp.*>= 0"):
+        load_sweep(config)
+
+
 def _doc_rows() -> list:
     """The config errors listed in docs/errors.md: ``- `YAML` → `message```."""
     text = DOC.read_text(encoding="utf-8")
