@@ -345,9 +345,40 @@ def _prune_block(
         blocks.blocks[index].to("cpu")
         return report, targets, hidden
 
+    report, hidden, targets = tune_block(model, block, index, hidden, targets, kwargs, tuner, finetune, block_masks,
+                                         n_train, batch_size, dist=dist, dense_weights=dense_weights)
+    for name in linears:  # mask-refining tuners (DSnoT, ebft-mask) change the masks in place
+        masks[name] = block_masks[name[len(prefix):] + ".weight"].cpu()
+    blocks.blocks[index].to("cpu")
+    return report, hidden, targets
+
+
+def tune_block(
+    model: nn.Module,
+    block: nn.Module,
+    index: int,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    kwargs: dict[str, Any],
+    tuner: Any,
+    finetune: FinetuneConfig,
+    masks: dict[str, torch.Tensor],
+    n_train: int,
+    batch_size: int,
+    dist: DistContext | None = None,
+    dense_weights: dict[str, torch.Tensor] | None = None,
+) -> tuple[BlockReport, torch.Tensor, torch.Tensor]:
+    """Tune a pruned (or shrunken) block towards its targets, keep or restore it, and propagate.
+
+    ``hidden`` holds the block's inputs and ``targets`` the dense block's outputs, for every window;
+    the first ``n_train`` windows train it, the rest only judge it (:func:`restore_reason`). A block
+    that tuning made worse gets its untuned weights and ``masks`` (which mask-refining tuners change in
+    place) back. Returns the report (its ``seconds`` left for the caller) and the swapped buffers: the
+    returned ``hidden`` holds the next block's inputs.
+    """
     with calibration_context(model):
         untuned = {k: v.detach().clone() for k, v in block.state_dict().items()}
-        untuned_masks = {k: v.clone() for k, v in block_masks.items()}
+        untuned_masks = {k: v.clone() for k, v in masks.items()}
         init_loss, holdout_init = _losses(block, hidden, targets, kwargs, batch_size, n_train, dist=dist)
     stopper = None
     extra: dict[str, Any] = {}
@@ -357,12 +388,12 @@ def _prune_block(
 
         stopper = EarlyStopping(block, measure, holdout_init, finetune.patience)
         extra["on_epoch_end"] = stopper
-    result = tuner.tune(block, hidden[:n_train], targets[:n_train], block_masks, kwargs, index,
-                        dense_weights=dense_weights, **extra)
+    result = tuner.tune(block, hidden[:n_train], targets[:n_train], masks, kwargs, index, dense_weights=dense_weights,
+                        **extra)
     if stopper is not None and result.restored is None:
         stopper.keep_best(untuned)
     if dist is not None:  # the processes took the same steps; make them bitwise equal all the same
-        dist.broadcast_([*block.state_dict().values(), *block_masks.values()])
+        dist.broadcast_([*block.state_dict().values(), *masks.values()])
     with calibration_context(model):
         # each batch is compared with its targets before its outputs overwrite them
         final_loss, holdout_final = _losses(block, hidden, targets, kwargs, batch_size, n_train, out=targets,
@@ -372,22 +403,18 @@ def _prune_block(
         if result.restored is None:
             hidden, targets = targets, hidden  # the tuned outputs are the next block's inputs
         else:
-            logger.warning("block %d: %s; restoring its untuned pruned weights", index, result.restored)
+            logger.warning("block %d: %s; restoring its untuned weights", index, result.restored)
             block.load_state_dict(untuned)
             for key, mask in untuned_masks.items():
-                block_masks[key].copy_(mask)
+                masks[key].copy_(mask)
             final_loss, holdout_final = init_loss, holdout_init
             _propagate(block, hidden, kwargs, batch_size, n_train, dist)
-    for name in linears:  # mask-refining tuners (DSnoT, ebft-mask) change the masks in place
-        masks[name] = block_masks[name[len(prefix):] + ".weight"].cpu()
-    report = BlockReport(
+    return BlockReport(
         index, init_loss, final_loss, 0.0, result.train_seconds, result.steps, result.losses, result.restored,
         holdout_init_loss=holdout_init, holdout_final_loss=holdout_final,
         holdout_epoch_losses=stopper.losses if stopper is not None else [],
         best_epoch=stopper.best_epoch if stopper is not None else None,
-    )
-    blocks.blocks[index].to("cpu")
-    return report, hidden, targets
+    ), hidden, targets
 
 
 def _move_non_block_modules(model: nn.Module, blocks: DecoderBlocks, device: torch.device | str) -> None:

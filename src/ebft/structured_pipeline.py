@@ -37,14 +37,12 @@ from ebft.finetune.base import record_inputs, run_block
 from ebft.models.adapter import DecoderBlocks, find_blocks
 from ebft.pipeline import (
     BlockReport,
-    EarlyStopping,
     PruneResult,
     _losses,
     _move_non_block_modules,
-    _propagate,
     _seeded,
     holdout_count,
-    restore_reason,
+    tune_block,
 )
 from ebft.structured import (
     ChannelStats,
@@ -231,37 +229,8 @@ def _shrink_block(
 
     masks = {name + ".weight": torch.ones_like(m.weight, dtype=torch.bool)
              for name, m in block.named_modules() if isinstance(m, nn.Linear)}  # every remaining weight is tuned
-    with calibration_context(model):
-        untuned = {k: v.detach().clone() for k, v in block.state_dict().items()}
-        init_loss, holdout_init = _losses(block, hidden, targets, kwargs, batch_size, n_train)
-    stopper = None
-    extra: dict[str, Any] = {}
-    if finetune.patience is not None and holdout_init is not None:
-        def measure() -> float:
-            return run_block(block, hidden[n_train:], kwargs, batch_size, targets=targets[n_train:])
-
-        stopper = EarlyStopping(block, measure, holdout_init, finetune.patience)
-        extra["on_epoch_end"] = stopper
-    result = tuner.tune(block, hidden[:n_train], targets[:n_train], masks, kwargs, index, **extra)
-    if stopper is not None and result.restored is None:
-        stopper.keep_best(untuned)
-    with calibration_context(model):
-        # each batch is compared with its targets before its outputs overwrite them
-        final_loss, holdout_final = _losses(block, hidden, targets, kwargs, batch_size, n_train, out=targets)
-        if result.restored is None:
-            result.restored = restore_reason(init_loss, final_loss, holdout_init, holdout_final)
-        if result.restored is None:
-            hidden, targets = targets, hidden  # the tuned outputs are the next block's inputs
-        else:
-            logger.warning("block %d: %s; restoring its untuned shrunken weights", index, result.restored)
-            block.load_state_dict(untuned)
-            final_loss, holdout_final = init_loss, holdout_init
-            _propagate(block, hidden, kwargs, batch_size, n_train)
-    report.init_loss, report.final_loss = init_loss, final_loss
-    report.train_seconds, report.steps, report.epoch_losses = result.train_seconds, result.steps, result.losses
-    report.restored = result.restored
-    report.holdout_init_loss, report.holdout_final_loss = holdout_init, holdout_final
-    report.holdout_epoch_losses = stopper.losses if stopper is not None else []
-    report.best_epoch = stopper.best_epoch if stopper is not None else None
+    tuned, hidden, targets = tune_block(model, block, index, hidden, targets, kwargs, tuner, finetune, masks, n_train,
+                                        batch_size)
+    report = StructuredBlockReport(**vars(tuned), kept_heads=kept_q, kept_kv_heads=kept_kv)
     blocks.blocks[index].to("cpu")
     return report, hidden, targets
