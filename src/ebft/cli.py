@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, default=None,
                    help="stop a block's tuning after this many epochs without held-out improvement, keeping the "
                         "best epoch (default: off)")
+    p.add_argument("--compile", action="store_true",
+                   help="ebft: torch.compile each block's training step (fuses norms, activations and casts; the "
+                        "first block pays a compile of some seconds, the others reuse it)")
     p.add_argument("--lora-rank", type=int, default=8, help="lora: adapter rank (default 8)")
     p.add_argument("--lora-alpha", type=float, default=16.0, help="lora: adapter scale numerator, alpha/rank (default 16)")
     p.add_argument("--lora-dropout", type=float, default=0.0, help="lora: dropout on the adapters' inputs (default 0)")
@@ -159,7 +162,7 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
         finetune=FinetuneConfig(
             method=args.finetune, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
             weight_decay=args.weight_decay, grad_clip=args.grad_clip, precision=args.precision,
-            holdout_fraction=args.holdout_fraction, patience=args.patience,
+            holdout_fraction=args.holdout_fraction, patience=args.patience, compile=args.compile,
             lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
             lora_targets=args.lora_targets, dsnot_cycles=args.dsnot_cycles, dsnot_threshold=args.dsnot_threshold,
         ),

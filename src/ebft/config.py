@@ -165,6 +165,10 @@ class FinetuneConfig:
     lora_targets: tuple[str, ...] = field(
         default=LORA_TARGETS, metadata={"help": "lora: names of the decoder-block linear layers that get adapters"}
     )
+    compile: bool = field(
+        default=False,
+        metadata={"help": "ebft: torch.compile each block's forward (and backward) while it trains"},
+    )
     dsnot_cycles: int | None = field(
         default=None, metadata={"help": "dsnot: most prune-and-grow swaps per output row (None: 50)"}
     )
@@ -215,6 +219,10 @@ class FinetuneConfig:
             raise UsageError(
                 f"--lora-targets expects comma-separated layer names such as q_proj,v_proj; got {self.lora_targets!r}"
             )
+        if not isinstance(self.compile, bool):
+            raise UsageError(f"compile must be true or false; got {self.compile!r}")
+        if self.compile and self.method != "ebft":
+            raise UsageError(f"--compile applies only to --finetune ebft, not {self.method}; drop it")
         for flag, value in (("--dsnot-cycles", self.dsnot_cycles), ("--dsnot-threshold", self.dsnot_threshold)):
             if value is not None and self.method != "dsnot":
                 raise UsageError(f"{flag} applies only to --finetune dsnot, not {self.method}; drop it")

@@ -105,6 +105,7 @@ RUN_KEYS: dict[str, tuple[str, Any]] = {
     "lora_alpha": ("float", 16.0),
     "lora_dropout": ("float", 0.0),
     "lora_targets": ("strlist", None),
+    "compile": ("bool", False),
     "percdamp": ("optfloat", None),
     "dsnot_cycles": ("optint", None),
     "dsnot_threshold": ("optfloat", None),
@@ -115,8 +116,8 @@ TRAIN_KEYS = ("epochs", "lr", "batch_size", "weight_decay", "grad_clip", "precis
               "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
 #: Settings that only one pruner or one method reads: key -> (setting, value). In other cells they are
 #: dropped, so that a grid can cross e.g. ``pruner`` with ``percdamp`` without asking Wanda for a dampening.
-ONLY_FOR = {"percdamp": ("pruner", "sparsegpt"), "dsnot_cycles": ("finetune", "dsnot"),
-            "dsnot_threshold": ("finetune", "dsnot")}
+ONLY_FOR = {"compile": ("finetune", "ebft"), "percdamp": ("pruner", "sparsegpt"),
+            "dsnot_cycles": ("finetune", "dsnot"), "dsnot_threshold": ("finetune", "dsnot")}
 #: Evaluation and bookkeeping settings, allowed in ``fixed`` only: key -> (kind, default).
 FIXED_KEYS: dict[str, tuple[str, Any]] = {
     "eval": ("strlist", ["wikitext2"]),
@@ -255,6 +256,8 @@ def _check_value(key: str, value: Any) -> None:
         FinetuneConfig(**{key: value})
     elif key == "percdamp":
         PruneConfig(pruner="sparsegpt", percdamp=value)
+    elif key == "compile":
+        FinetuneConfig(compile=value)
     elif key in ("dsnot_cycles", "dsnot_threshold"):
         FinetuneConfig(method="dsnot", **{key: value})
     elif key == "device":
@@ -361,7 +364,8 @@ def _run_config(settings: dict[str, Any], ev: EvalConfig, data_dir: Path | None)
     s = settings
     sparsity = s["sparsity"]
     nm = parse_nm(sparsity) if isinstance(sparsity, str) else None
-    finetune_args = {k: s[k] for k in (*TRAIN_KEYS, "dsnot_cycles", "dsnot_threshold") if s.get(k) is not None}
+    finetune_args = {k: s[k] for k in (*TRAIN_KEYS, "compile", "dsnot_cycles", "dsnot_threshold")
+                     if s.get(k) is not None}
     if "lora_targets" in finetune_args:
         finetune_args["lora_targets"] = tuple(finetune_args["lora_targets"])
     return RunConfig(
@@ -528,8 +532,11 @@ def read_cell(path: Path) -> dict[str, Any] | None:
 def _settings_diff(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     old, new = _compared(old), _compared(new)
     for key in sorted(old.keys() | new.keys()):
-        if old.get(key, "<unset>") != new.get(key, "<unset>"):
-            return f"{key} was {old.get(key, '<unset>')!r}, now {new.get(key, '<unset>')!r}"
+        # ONLY_FOR settings are absent from the cells that do not read them, and from records written
+        # before the setting existed: absent means the default there
+        unset = RUN_KEYS[key][1] if key in ONLY_FOR else "<unset>"
+        if old.get(key, unset) != new.get(key, unset):
+            return f"{key} was {old.get(key, unset)!r}, now {new.get(key, unset)!r}"
     return None
 
 

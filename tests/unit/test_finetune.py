@@ -11,6 +11,7 @@ from torch import nn
 
 from ebft.capture import capture_block_kwargs, capture_first_block_inputs
 from ebft.config import FinetuneConfig
+from ebft.errors import EbftError
 from ebft.finetune import FINETUNERS
 from ebft.finetune import base as finetune_base
 from ebft.finetune.base import resolve_precision, run_block
@@ -217,6 +218,40 @@ def test_autocast_keeps_masks_and_fp32_weights(precision: str, llama_block_probl
     for name, mask in p["masks"].items():
         assert params[name].dtype == torch.float32
         assert int((params[name].data[~mask] != 0).sum()) == 0
+
+
+def test_compiled_training_matches_eager(llama_block_problem: dict[str, Any]) -> None:
+    """--compile: the same steps as eager up to kernel rounding, masks exact, the class forward back after."""
+    p = llama_block_problem
+    block = p["block"]
+    start = {k: v.clone() for k, v in block.state_dict().items()}
+    eager = _tune(p, epochs=2)
+    eager_state = {k: v.clone() for k, v in block.state_dict().items()}
+    block.load_state_dict(start)
+    compiled = _tune(p, epochs=2, compile=True)
+    assert "forward" not in vars(block)  # the instance attribute torch.compile set is gone
+    assert compiled.steps == eager.steps == 8
+    assert compiled.losses == pytest.approx(eager.losses, rel=1e-4)
+    for name, value in block.state_dict().items():
+        torch.testing.assert_close(value, eager_state[name], atol=1e-5, rtol=1e-4)
+    params = dict(block.named_parameters())
+    for name, mask in p["masks"].items():
+        assert int((params[name].data[~mask] != 0).sum()) == 0
+
+
+def test_compile_failure_is_one_line(llama_block_problem: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch._dynamo.exc
+
+    def broken(fn, **kwargs):
+        def call(*args, **kw):
+            raise torch._dynamo.exc.BackendCompilerFailed("inductor", RuntimeError("no C++ compiler found"), None)
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    message = r"^torch.compile failed \(RuntimeError: no C\+\+ compiler found\); run without --compile$"
+    with pytest.raises(EbftError, match=message):
+        _tune(llama_block_problem, compile=True)
+    assert "forward" not in vars(llama_block_problem["block"])
 
 
 def test_same_seed_is_bitwise_reproducible(tiny_factory) -> None:

@@ -106,9 +106,29 @@ def test_pruner_and_method_settings_reach_only_their_cells(tiny_model_dir: Path,
     assert gpt.config.finetune.dsnot_cycles is None
     assert by_id["tiny-llama.sparsegpt.s50.dsnot.text-pydoc.txt.n4.len32.seed0.e1.lr0.001.b2.percdamp-0.01"] \
         .config.prune.percdamp == 0.01
+    assert "compile" not in gpt.settings and not wanda.config.finetune.compile
     config.write_text(config.read_text(encoding="utf-8").replace("0.01, 0.1", "0.01, -1"), encoding="utf-8")
     with pytest.raises(UsageError, match=r"grid\.percdamp.*>= 0"):
         load_sweep(config)
+
+
+def test_compile_reaches_ebft_cells_and_older_records_still_count(finished: Path, tmp_path: Path) -> None:
+    sweep = load_sweep(finished)
+    ebft_cell = next(c for c in sweep.cells if c.settings["finetune"] == "ebft")
+    none_cell = next(c for c in sweep.cells if c.settings["finetune"] == "none")
+    assert ebft_cell.settings["compile"] is False and "compile" not in none_cell.settings
+    # a record written before the compile setting existed is reused while compile keeps its default
+    path = sweep.cell_path(ebft_cell.id)
+    record = json.loads(path.read_text(encoding="utf-8"))
+    del record["settings"]["compile"]
+    path.write_text(json.dumps(record), encoding="utf-8")
+    assert ebft_cell.id in ebft.sweep.plan_sweep(sweep).done
+    on = finished.read_text(encoding="utf-8").replace("  epochs: 1\n", "  epochs: 1\n  compile: true\n")
+    (tmp_path / "on.yaml").write_text(on, encoding="utf-8")
+    compiled = load_sweep(tmp_path / "on.yaml")
+    assert next(c for c in compiled.cells if c.id == ebft_cell.id).config.finetune.compile is True
+    with pytest.raises(UsageError, match="compile was False, now True"):
+        ebft.sweep.plan_sweep(compiled)
 
 
 def _doc_rows() -> list:

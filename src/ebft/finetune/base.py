@@ -25,6 +25,31 @@ def register_finetuner(name: str) -> Callable[[type], type]:
     return wrap
 
 
+@contextlib.contextmanager
+def compiled_forward(block: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Within the block, ``block.forward`` is ``torch.compile``d (its backward too, by AOTAutograd).
+
+    Compiled code is cached by the forward's code, so every later block of the same class reuses the
+    first block's compilation (plus one recompile for a partial last batch). A compiler failure (no
+    C++ compiler, an unsupported platform) surfaces at the first step as an :class:`EbftError`.
+    """
+    if not enabled:
+        yield
+        return
+    block.forward = torch.compile(block.forward)
+    try:
+        yield
+    except Exception as exc:
+        if type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            inner = getattr(exc, "inner_exception", None) or exc  # BackendCompilerFailed wraps the cause
+            text = str(inner).strip()
+            reason = f"{type(inner).__name__}: {text.splitlines()[0]}" if text else type(inner).__name__
+            raise EbftError(f"torch.compile failed ({reason}); run without --compile") from exc
+        raise
+    finally:
+        del block.forward  # the class's forward again
+
+
 @dataclass
 class BlockResult:
     """What tuning one block did; ``losses`` is the mean training loss of each epoch."""

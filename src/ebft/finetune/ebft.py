@@ -16,7 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ebft.finetune.base import BlockFinetuner, BlockResult, block_device, register_finetuner, resolve_precision
+from ebft.finetune.base import (
+    BlockFinetuner,
+    BlockResult,
+    block_device,
+    compiled_forward,
+    register_finetuner,
+    resolve_precision,
+)
 from ebft.finetune.loop import block_mse_loss, train_steps
 
 logger = logging.getLogger(__name__)
@@ -73,12 +80,13 @@ class EBFT(BlockFinetuner):
         start = time.perf_counter()
         block.train(False)  # no dropout: targets were computed in eval mode
         try:
-            result.tokens = train_steps(
-                trainable, cfg, device, precision, inputs.shape[0], self.seed * 1_000_003 + index,
-                block_mse_loss(block, inputs, targets, block_kwargs, device, precision), result,
-                desc=f"block {index} ebft", on_grads=mask_grads, after_step=reapply_masks, on_epoch_end=epoch_end,
-                dist=self.dist,
-            )
+            with compiled_forward(block, cfg.compile):
+                result.tokens = train_steps(
+                    trainable, cfg, device, precision, inputs.shape[0], self.seed * 1_000_003 + index,
+                    block_mse_loss(block, inputs, targets, block_kwargs, device, precision), result,
+                    desc=f"block {index} ebft", on_grads=mask_grads, after_step=reapply_masks,
+                    on_epoch_end=epoch_end, dist=self.dist,
+                )
             if result.restored is not None:
                 logger.warning("block %d: %s; stopping its fine-tuning", index, result.restored)
         finally:
