@@ -327,7 +327,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             print(f"  {line}")
         return 0
     result = run_sweep(sweep, plan)
-    print(f"ran {len(result.computed)} cell(s), skipped {len(result.skipped)} finished; wrote {result.summary}")
+    others = f", left {len(result.others)} to other workers" if result.others else ""
+    print(f"ran {len(result.computed)} cell(s), skipped {len(result.skipped)} finished{others}; wrote {result.summary}")
     return 0
 
 

@@ -34,7 +34,10 @@ Output, in ``OUT``::
     models/<cell-id>/      only with keep_models (--keep-models): each cell's model, 540 MB for SmolLM2
 
 A cell whose JSON exists is skipped on the next run, so an interrupted sweep continues where it
-stopped; a cell interrupted half-way is recomputed. A cell JSON written with other settings (say,
+stopped; a cell interrupted half-way is recomputed. Several workers (one per GPU, or per machine on a
+shared folder) may run the same sweep at once: a worker claims a cell with ``cells/<cell-id>.json.running``
+before computing it and the others pass it by; a claim whose process has died (on the same host) is
+taken over. A cell JSON written with other settings (say,
 after ``fixed.lr`` changed) is refused with a message rather than silently reused.
 
 What is shared between cells, and what is not:
@@ -55,15 +58,18 @@ What is shared between cells, and what is not:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
 import logging
 import math
+import os
 import re
+import socket
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -675,6 +681,58 @@ class SweepResult:
     computed: list[str]
     skipped: list[str]
     summary: Path
+    others: list[str] = field(default_factory=list)  # cells another worker was computing (or finished meanwhile)
+
+
+CLAIM_SUFFIX = ".running"
+
+
+def _alive(holder: dict[str, Any]) -> bool:
+    """Whether the worker that wrote a claim still runs; one on another host is assumed to."""
+    if holder.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError, KeyError, TypeError, ValueError):
+        return True
+    return True
+
+
+def claim_cell(path: Path) -> Path | None:
+    """Claim the cell whose record is ``path`` for this process: the claim file, or ``None`` if a live
+    worker holds it. A claim left by a dead process on this host is taken over."""
+    claim = path.with_name(path.name + CLAIM_SUFFIX)
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+    for _ in range(3):
+        try:
+            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(claim.read_text(encoding="utf-8"))
+                if not isinstance(holder, dict):
+                    raise ValueError
+            except FileNotFoundError:
+                continue  # released meanwhile
+            except (OSError, ValueError):
+                # being written right now, or garbage: give a fresh claim the benefit of the doubt
+                try:
+                    if time.time() - claim.stat().st_mtime < 60:
+                        return None
+                except FileNotFoundError:
+                    continue
+                holder = {}
+            if holder and _alive(holder):
+                return None
+            logger.warning("%s: its worker (pid %s on %s) is gone; taking the cell over", claim,
+                           holder.get("pid", "?"), holder.get("host", "?"))
+            claim.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(me, f)
+        return claim
+    return None
 
 
 def run_sweep(sweep: Sweep, plan: Plan | None = None, on_cell: Callable[[str, dict[str, Any]], None] | None = None
@@ -695,6 +753,7 @@ def run_sweep(sweep: Sweep, plan: Plan | None = None, on_cell: Callable[[str, di
         backend = _zeroshot_backend(sweep)
     resident: _Resident | None = None
     computed: list[str] = []
+    others: list[str] = []
     seconds: list[float] = []
     position = 0
     total = len(plan.todo)
@@ -707,11 +766,18 @@ def run_sweep(sweep: Sweep, plan: Plan | None = None, on_cell: Callable[[str, di
             resident = None  # free the previous model first
             resident = _load(model)
         if dense_needed:
-            _run_dense(sweep, resident, backend)
+            with _claimed(sweep.cell_path(sweep.dense_id(model))) as mine:
+                if mine:
+                    _run_dense(sweep, resident, backend)
         for cell in cells:
             position += 1
             start = time.perf_counter()
-            record = _run_cell(sweep, cell, resident, backend)
+            with _claimed(sweep.cell_path(cell.id)) as mine:
+                if not mine:
+                    logger.info("cell %d/%d %s: another worker has it; passing it by", position, total, cell.id)
+                    others.append(cell.id)
+                    continue
+                record = _run_cell(sweep, cell, resident, backend)
             seconds.append(time.perf_counter() - start)
             computed.append(cell.id)
             left = total - position
@@ -725,7 +791,24 @@ def run_sweep(sweep: Sweep, plan: Plan | None = None, on_cell: Callable[[str, di
                 on_cell(cell.id, record)
     resident = None
     summary = write_summary(sweep)
-    return SweepResult(sweep.out, len(sweep.cells), computed, list(plan.done), summary)
+    return SweepResult(sweep.out, len(sweep.cells), computed, list(plan.done), summary, others)
+
+
+@contextlib.contextmanager
+def _claimed(path: Path) -> Iterator[bool]:
+    """Yields whether this worker should compute the record at ``path``: not when it exists by now
+    (another worker finished it after the plan was made) or a live worker has claimed it."""
+    if read_cell(path) is not None:
+        yield False
+        return
+    claim = claim_cell(path)
+    if claim is None:
+        yield False
+        return
+    try:
+        yield read_cell(path) is None  # finished between the check and the claim: nothing to do
+    finally:
+        claim.unlink(missing_ok=True)
 
 
 def _device(sweep: Sweep) -> torch.device:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -269,6 +272,46 @@ def test_interrupted_sweep_resumes_without_recomputing(tiny_model_dir: Path, tex
     calls.clear()
     assert main(["sweep", str(config), "--quiet"]) == 0  # a finished sweep only rewrites its summary
     assert calls == []
+
+    assert not list(cells.glob("*.running"))  # the interrupted cell's claim was released
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_claims(tmp_path: Path) -> None:
+    record = tmp_path / "cell.json"
+    claim = ebft.sweep.claim_cell(record)
+    assert claim == tmp_path / "cell.json.running"
+    assert json.loads(claim.read_text())["pid"] == os.getpid()
+    assert ebft.sweep.claim_cell(record) is None  # held by a live worker (this one)
+    claim.write_text(json.dumps({"host": socket.gethostname(), "pid": _dead_pid()}))
+    assert ebft.sweep.claim_cell(record) == claim  # its worker is gone: taken over
+    assert json.loads(claim.read_text())["pid"] == os.getpid()
+    claim.write_text(json.dumps({"host": "another-machine", "pid": _dead_pid()}))
+    assert ebft.sweep.claim_cell(record) is None  # no way to tell from here: respected
+
+
+def test_workers_share_a_sweep(tiny_model_dir: Path, text_file: Path, tmp_path: Path) -> None:
+    """A cell another live worker claimed is passed by; a dead worker's claim is taken over."""
+    config = _config(tmp_path, tiny_model_dir, text_file, GRID)
+    sweep = load_sweep(config)
+    busy, orphan = sweep.cells[1].id, sweep.cells[2].id
+    cells = tmp_path / "out" / "cells"
+    cells.mkdir(parents=True)
+    (cells / f"{busy}.json.running").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getppid()}))
+    (cells / f"{orphan}.json.running").write_text(json.dumps({"host": socket.gethostname(), "pid": _dead_pid()}))
+    result = run_sweep(sweep)
+    assert result.others == [busy] and busy not in result.computed and len(result.computed) == 3
+    assert orphan in result.computed and not (cells / f"{orphan}.json.running").exists()
+    assert read_cell(cells / f"{busy}.json") is None and (cells / f"{busy}.json.running").exists()
+    assert "3 of 4 cells finished" in result.summary.read_text(encoding="utf-8")
+    (cells / f"{busy}.json.running").unlink()  # that worker finished (here: went away); the next run completes
+    again = run_sweep(load_sweep(config))
+    assert again.computed == [busy] and again.others == []
 
 
 def test_changed_settings_are_refused(finished: Path, capsys: pytest.CaptureFixture[str]) -> None:
