@@ -202,7 +202,6 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     # (i) this CPU
-    cpu_train_s = total_train_f / (train_gflops * 1e9)  # includes the optimizer share at this step size
     cpu_fwd_bwd_s = total_train_f / (fwd_bwd_gflops * 1e9)
     cpu_opt_s = L * steps_block * t_opt
     cpu_fwd_s = total_fwd_f / (fwd_fp32_gflops * 1e9)

@@ -774,7 +774,8 @@ def run_sweep(sweep: Sweep, plan: Plan | None = None, on_cell: Callable[[str, di
             start = time.perf_counter()
             with _claimed(sweep.cell_path(cell.id)) as mine:
                 if not mine:
-                    logger.info("cell %d/%d %s: another worker has it; passing it by", position, total, cell.id)
+                    logger.info("cell %d/%d %s: another worker has it (or finished it); passing it by", position, total,
+                                cell.id)
                     others.append(cell.id)
                     continue
                 record = _run_cell(sweep, cell, resident, backend)
