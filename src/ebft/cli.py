@@ -124,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--out", type=Path, default=None, help="output folder (default: the config's out, else runs/NAME)")
     w.add_argument("--dry-run", action="store_true", help="check the config, list the cells and stop")
     w.add_argument("--keep-models", action="store_true", help="save each cell's model under OUT/models/ (large)")
+    w.add_argument("--summary-only", action="store_true",
+                   help="only (re)write summary.md and the plots from the cells finished so far; run nothing")
     _output_flags(w)
 
     r = sub.add_parser("report", help="render a run's report.json as report.md (and report.html) with plots")
@@ -316,9 +318,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from ebft.sweep import check_sweep, describe, load_sweep, run_sweep
+    from ebft.sweep import check_sweep, describe, load_sweep, plan_sweep, run_sweep, write_summary
 
+    if args.summary_only and args.dry_run:
+        raise UsageError("--summary-only and --dry-run exclude each other; choose one")
     sweep = load_sweep(args.config, out=args.out, keep_models=True if args.keep_models else None)
+    if args.summary_only:
+        plan = plan_sweep(sweep)  # refuses cell files written with other settings
+        print(f"sweep {args.config}: {len(plan.done)} of {len(sweep.cells)} cells finished; wrote "
+              f"{write_summary(sweep)}")
+        return 0
     plan = check_sweep(sweep)
     print(f"sweep {args.config}: {len(sweep.cells)} cells, {len(plan.done)} finished, {len(plan.todo)} to run "
           f"-> {sweep.out}")

@@ -256,6 +256,10 @@ def test_interrupted_sweep_resumes_without_recomputing(tiny_model_dir: Path, tex
     cells = tmp_path / "out" / "cells"
     finished_cells = sorted(p.name for p in cells.glob("*.json") if not p.name.startswith("dense."))
     assert len(finished_cells) == 1 and not (tmp_path / "out" / "summary.md").exists()
+    # a look at the sweep so far: the summary of the finished cell, nothing run
+    assert main(["sweep", str(config), "--summary-only", "--quiet"]) == 0
+    assert "1 of 4 cells finished" in (tmp_path / "out" / "summary.md").read_text(encoding="utf-8")
+    assert len(calls) == 2
     first = cells / finished_cells[0]
     stamp = first.stat().st_mtime_ns
     dense_stamp = (cells / "dense.tiny-llama.json").stat().st_mtime_ns
