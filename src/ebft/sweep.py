@@ -1040,8 +1040,9 @@ def _cells_table(page: Page, sweep: Sweep, cells: list[tuple[Cell, dict[str, Any
     page.heading("Cells", 2)
     finished = {c.id for c, _ in cells}
     missing = [c.id for c in sweep.cells if c.id not in finished]
+    listed = ", ".join(f"`{m}`" for m in missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
     page.para(f"{len(finished)} of {len(sweep.cells)} cells finished" +
-              (f"; not run yet: {', '.join(f'`{m}`' for m in missing)}." if missing else ".") +
+              (f"; not run yet: {listed}." if missing else ".") +
               " Each cell's settings and full report are in `cells/<cell>.json`.")
     rows = []
     for cell, record in cells:
