@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from ebft.config import LORA_TARGETS, CalibConfig, EvalConfig, FinetuneConfig, PruneConfig, RunConfig, parse_nm
 from ebft.errors import EbftError, UsageError
@@ -363,6 +366,29 @@ def _setup_logging(args: argparse.Namespace) -> None:
         logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a batch scheduler's time limit), raised where the run is so that its clean-up
+    runs: half-written outputs stay under their temporary names and a sweep releases its claims."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    # Not under torchrun: its agent stops the workers with SIGTERM while they may sit in a collective,
+    # where a Python handler would only run once the collective returns.
+    if threading.current_thread() is not threading.main_thread() or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else argv
     if "--quiet" in words and "tqdm" not in sys.modules:
@@ -382,12 +408,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         handler = {"prune": _cmd_prune, "eval": _cmd_eval, "demo": _cmd_demo, "sweep": _cmd_sweep,
                    "report": _cmd_report}[args.command]
-        return handler(args)
+        with _sigterm_raises():
+            return handler(args)
     except EbftError as exc:
         if debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

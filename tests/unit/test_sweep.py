@@ -6,9 +6,11 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -279,6 +281,25 @@ def test_interrupted_sweep_resumes_without_recomputing(tiny_model_dir: Path, tex
 
     assert not list(cells.glob("*.running"))  # the interrupted cell's claim was released
 
+
+def test_sigterm_stops_a_sweep_cleanly(tiny_model_dir: Path, text_file: Path, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """``kill`` (SIGTERM) mid-cell: exit 143 with one line, the cell's claim released, no cell file."""
+    config = _config(tmp_path, tiny_model_dir, text_file, GRID)
+
+    def killed(cfg, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the handler raises before this ends
+        raise AssertionError("SIGTERM did not interrupt the cell")
+
+    monkeypatch.setattr(ebft.sweep, "run_prune", killed)
+    previous = signal.getsignal(signal.SIGTERM)
+    assert main(["sweep", str(config), "--quiet"]) == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "terminated"
+    assert signal.getsignal(signal.SIGTERM) is previous
+    cells = tmp_path / "out" / "cells"
+    assert not list(cells.glob("*.running"))
+    assert [p.name for p in cells.glob("*.json")] == ["dense.tiny-llama.json"]
 
 def _dead_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
