@@ -206,6 +206,28 @@ def test_forward_batch_size_does_not_change_the_result(tiny_factory: Callable[..
         torch.testing.assert_close(states[0][key], states[1][key], rtol=1e-4, atol=1e-5)
 
 
+def test_compile_matches_eager_over_blocks(tiny_factory: Callable[..., nn.Module]) -> None:
+    """--compile through the pipeline: 3 blocks, a partial last batch (7 windows, 1 held out, batch 4),
+    early stopping's held-out passes inside the compiled region; the same masks and weights as eager."""
+    ids = _calib(7)
+    results, states = [], []
+    for compile_ in (False, True):
+        model = tiny_factory("llama", num_hidden_layers=3)
+        results.append(prune_and_finetune(model, ids, PruneConfig("wanda", 0.5),
+                                          _ebft(batch_size=4, holdout_fraction=0.15, patience=5, compile=compile_),
+                                          CPU))
+        states.append(model.state_dict())
+        assert all("forward" not in vars(block) for block in find_blocks(model).blocks)
+    eager, compiled = results
+    assert all(torch.equal(eager.masks[n], compiled.masks[n]) for n in eager.masks)
+    for a, b in zip(eager.blocks, compiled.blocks):
+        assert a.steps == b.steps == 3 * 2 and a.restored == b.restored and a.best_epoch == b.best_epoch
+        assert b.final_loss == pytest.approx(a.final_loss, rel=1e-4)
+        assert b.holdout_epoch_losses == pytest.approx(a.holdout_epoch_losses, rel=1e-4)
+    for key in states[0]:
+        torch.testing.assert_close(states[1][key], states[0][key], rtol=1e-4, atol=1e-5)
+
+
 def test_nm_width_not_divisible_fails_before_any_block(tiny_factory: Callable[..., nn.Module]) -> None:
     model = tiny_factory("llama", hidden_size=36, intermediate_size=72, num_attention_heads=3,
                          num_key_value_heads=1, head_dim=12)
