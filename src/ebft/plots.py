@@ -49,12 +49,19 @@ def _save(plt: Any, fig: Any, path: Path) -> Path:
     return path
 
 
-def _plain_log_labels(ax: Any) -> None:
-    """Label a log axis with plain numbers (300, 400) instead of 3 x 10^2, on minor ticks too when the range is short."""
-    from matplotlib.ticker import LogFormatter
+def _plain_number(value: float, _: Any = None) -> str:
+    return f"{value:,.0f}" if value >= 1 else f"{value:.2g}"
 
-    ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.4)))
-    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.4)))
+
+def _plain_log_labels(ax: Any) -> None:
+    """Label a log axis with plain numbers (300, 1,000, 100,000) instead of 3 x 10^2 or 1e+05; minor ticks
+    too when the data span less than two decades (call after plotting)."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    ax.yaxis.set_major_formatter(FuncFormatter(_plain_number))
+    low, high = ax.get_ylim()
+    short = low > 0 and high / low < 100
+    ax.yaxis.set_minor_formatter(FuncFormatter(_plain_number) if short else NullFormatter())
 
 
 def _finite_positive(values: Sequence[Any]) -> bool:
