@@ -17,7 +17,8 @@ from pathlib import Path
 
 PRUNERS = ("magnitude", "wanda", "sparsegpt")
 PATTERNS = {"50": "50%", "24": "2:4"}
-METHODS = ("none", "dsnot", "lora", "ebft", "ebft-mask")
+METHODS = ("none", "dsnot", "lora", "lora-lr2e-3", "ebft", "ebft-mask")
+HEADERS = {"lora": "lora (lr 5e-4)", "lora-lr2e-3": "lora (lr 2e-3, chosen on validation)"}
 ALIASES = {"ebft": ("ebft", "ebft-final"), "none": ("none",)}
 
 
@@ -45,7 +46,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", type=Path, nargs="+")
     args = parser.parse_args()
-    print("| pruner | pattern | " + " | ".join(METHODS) + " |")
+    print("| pruner | pattern | " + " | ".join(HEADERS.get(m, m) for m in METHODS) + " |")
     print("| --- | --- |" + " --- |" * len(METHODS))
     for pattern, label in PATTERNS.items():
         for pruner in PRUNERS:
