@@ -17,8 +17,9 @@ from pathlib import Path
 
 PRUNERS = ("magnitude", "wanda", "sparsegpt")
 PATTERNS = {"50": "50%", "24": "2:4"}
-METHODS = ("none", "dsnot", "lora", "lora-lr2e-3", "ebft", "ebft-mask")
-HEADERS = {"lora": "lora (lr 5e-4)", "lora-lr2e-3": "lora (lr 2e-3, chosen on validation)"}
+METHODS = ("none", "dsnot", "lora", "lora-lr2e-3", "ebft", "ebft-lr2e-3", "ebft-mask")
+HEADERS = {"lora": "lora (lr 5e-4)", "lora-lr2e-3": "lora (lr 2e-3, chosen on validation)", "ebft": "ebft (lr 1e-3)",
+           "ebft-lr2e-3": "ebft (lr 2e-3, chosen on validation)"}
 ALIASES = {"ebft": ("ebft", "ebft-final"), "none": ("none",)}
 
 
