@@ -379,7 +379,12 @@ def _raise_terminated(signum: int, frame: object) -> None:
 def _sigterm_raises() -> Iterator[None]:
     # Not under torchrun: its agent stops the workers with SIGTERM while they may sit in a collective,
     # where a Python handler would only run once the collective returns.
-    if threading.current_thread() is not threading.main_thread() or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    under_torchrun = False
+    if "WORLD_SIZE" in os.environ:  # only then is ebft.distributed (and torch) worth importing here
+        from ebft.distributed import torchrun_world
+
+        under_torchrun = torchrun_world() is not None
+    if threading.current_thread() is not threading.main_thread() or under_torchrun:
         yield
         return
     previous = signal.signal(signal.SIGTERM, _raise_terminated)

@@ -370,8 +370,8 @@ def _run_config(settings: dict[str, Any], ev: EvalConfig, data_dir: Path | None)
     s = settings
     sparsity = s["sparsity"]
     nm = parse_nm(sparsity) if isinstance(sparsity, str) else None
-    finetune_args = {k: s[k] for k in (*TRAIN_KEYS, "compile", "dsnot_cycles", "dsnot_threshold")
-                     if s.get(k) is not None}
+    method_keys = [k for k, (owner, _) in ONLY_FOR.items() if owner == "finetune"]
+    finetune_args = {k: s[k] for k in (*TRAIN_KEYS, *method_keys) if s.get(k) is not None}
     if "lora_targets" in finetune_args:
         finetune_args["lora_targets"] = tuple(finetune_args["lora_targets"])
     return RunConfig(
