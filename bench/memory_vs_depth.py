@@ -13,9 +13,9 @@ when it returns (the block loop) and after the model is saved; the high-water ma
 ``wait4`` is not used: Linux carries the parent's resident size at fork into the child's value.)
 A sampler polling the child's ``VmRSS`` every 50 ms cross-checks the peak. A least-squares line
 ``peak = a + b * blocks`` is fitted and its slope ``b`` compared with the per-block fp32 weight
-size, the weights plus the bool masks the pipeline keeps, and the activation buffers (what the
-slope would carry if activations were kept per block). The default sizes make one activation
-buffer (64 x 256 x 512 fp32 = 32 MiB) about twice a block's weights plus masks (16 MiB), so the two
+size, the weights plus the masks the pipeline keeps (packed, one bit per prunable weight), and the
+activation buffers (what the slope would carry if activations were kept per block). The default sizes
+make one activation buffer (64 x 256 x 512 fp32 = 32 MiB) about twice a block's weights (13 MiB), so the two
 hypotheses give clearly different slopes. ``--offload disk`` runs every child with the activation
 buffers in memory-mapped files; the sampler also records the child's peak ``RssAnon``, the part of
 the resident memory that is not file-backed. A control series (``--control-nsamples``, default 16)
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     xs = [float(r["blocks"]) for r in rows]
     slope, intercept, max_resid = fit_line(xs, [r["peak_rss_mb"] for r in rows])
     block_w_mb = sizes["block_params"] * 4 / MB
-    block_mask_mb = sizes["block_linear_params"] / MB  # bool masks, 1 byte per prunable weight
+    block_mask_mb = sizes["block_linear_params"] / 8 / MB  # masks, packed 8 to a byte
     out = {
         "benchmark": "memory_vs_depth",
         "command": "python bench/memory_vs_depth.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         "phases": "load: from start to prune_and_finetune (model load, calibration data); blocks: the block loop "
                   "(targets, pruning, EBFT, propagation, per-block checkpoints); save: staging the final model",
         "per_block_fp32_weights_mb": round(block_w_mb, 2),
-        "per_block_weights_plus_bool_masks_mb": round(block_w_mb + block_mask_mb, 2),
+        "per_block_weights_plus_packed_masks_mb": round(block_w_mb + block_mask_mb, 2),
         "activation_buffer_mb": round(act_buffer_mb, 2),
         "activation_buffers_both_mb": round(2 * act_buffer_mb, 2),
         "slope_over_block_weights": round(slope / block_w_mb, 3),

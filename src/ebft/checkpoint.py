@@ -32,7 +32,7 @@ import logging
 import os
 import shutil
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -316,9 +316,9 @@ class Checkpoint:
             (self.folder / previous).unlink(missing_ok=True)
         _maybe_kill(index)
 
-    def load_blocks(self, blocks: list[nn.Module], prefixes: list[str]) -> dict[str, torch.Tensor]:
-        """Put the saved state into the first ``done`` blocks; returns their masks by full module name."""
-        masks: dict[str, torch.Tensor] = {}
+    def load_blocks(self, blocks: list[nn.Module], prefixes: list[str],
+                    masks: MutableMapping[str, torch.Tensor] | None = None) -> None:
+        """Put the saved state into the first ``done`` blocks, and their masks into ``masks`` by full module name."""
         if self.done > len(blocks):
             raise EbftError(f"the unfinished run in {self.folder} has {self.done} blocks, the model {len(blocks)}; "
                             "pass --overwrite to start over")
@@ -333,8 +333,8 @@ class Checkpoint:
             except (RuntimeError, ValueError):
                 raise EbftError(f"checkpoint block {index} in {self.folder} does not match the model; "
                                 "pass --overwrite to start over") from None
-            masks.update(block_masks)
-        return masks
+            if masks is not None:
+                masks.update(block_masks)
 
     def load_hidden(self, like: torch.Tensor | None = None) -> torch.Tensor:
         """The activations entering block ``done``."""

@@ -44,6 +44,7 @@ from ebft.finetune import FINETUNERS
 from ebft.finetune.base import record_inputs, run_block
 from ebft.models.adapter import DecoderBlocks, find_blocks
 from ebft.pruners import PRUNERS
+from ebft.sparsity import PackedMasks
 
 if TYPE_CHECKING:
     from ebft.checkpoint import Checkpoint
@@ -71,7 +72,7 @@ class BlockReport:
 @dataclass
 class PruneResult:
     blocks: list[BlockReport]
-    masks: dict[str, torch.Tensor]  # full module name -> bool keep-mask, on the CPU
+    masks: PackedMasks  # full module name -> bool keep-mask, packed eight to a byte on the CPU
     seconds: float
 
     def block_dicts(self) -> list[dict[str, Any]]:
@@ -243,12 +244,12 @@ def prune_and_finetune(
     _move_non_block_modules(model, blocks, device)
     block_kwargs = capture_block_kwargs(model, blocks, calib_ids[:1])
     reports: list[BlockReport] = []
-    masks: dict[str, torch.Tensor] = {}
+    masks = PackedMasks()
     first = checkpoint.done if checkpoint is not None else 0
     buffers = ActivationBuffers(offload_dir, prefix=f"rank{dist.rank}" if dist is not None else "activations")
     try:
         if first:
-            masks = checkpoint.load_blocks(list(blocks.blocks), [blocks.block_name(i) + "." for i in range(first)])
+            checkpoint.load_blocks(list(blocks.blocks), [blocks.block_name(i) + "." for i in range(first)], masks)
             reports = [BlockReport(**r) for r in checkpoint.reports]
             hidden = checkpoint.load_hidden()
             if hidden.shape[:2] != calib_ids.shape:
@@ -279,7 +280,7 @@ def prune_and_finetune(
             if checkpoint is not None and main:
                 prefix = blocks.block_name(index) + "."
                 checkpoint.save_block(index, blocks.blocks[index],
-                                      {n: m for n, m in masks.items() if n.startswith(prefix)}, hidden, asdict(report))
+                                      {n: masks[n] for n in masks if n.startswith(prefix)}, hidden, asdict(report))
             progress.set_postfix(block=f"{index + 1}/{len(blocks)}", init=f"{report.init_loss:.4g}",
                                  final=f"{report.final_loss:.4g}")
             logger.info("block %d/%d: loss %.5g -> %.5g in %.1f s%s", index + 1, len(blocks),
@@ -308,7 +309,7 @@ def _prune_block(
     tuner: Any,
     finetune: FinetuneConfig,
     device: torch.device,
-    masks: dict[str, torch.Tensor],
+    masks: PackedMasks,
     n_train: int,
     batch_size: int,
     dist: DistContext | None = None,
@@ -333,7 +334,7 @@ def _prune_block(
             dense_weights = {n[len(prefix):] + ".weight": l.weight.detach().clone() for n, l in linears.items()}
         for name, linear in linears.items():
             mask = pruner.prune(name, linear.weight.data)
-            masks[name] = mask.cpu()
+            masks[name] = mask
             block_masks[name[len(prefix):] + ".weight"] = mask
         pruner.reset()
 
@@ -348,7 +349,7 @@ def _prune_block(
     report, hidden, targets = tune_block(model, block, index, hidden, targets, kwargs, tuner, finetune, block_masks,
                                          n_train, batch_size, dist=dist, dense_weights=dense_weights)
     for name in linears:  # mask-refining tuners (DSnoT, ebft-mask) change the masks in place
-        masks[name] = block_masks[name[len(prefix):] + ".weight"].cpu()
+        masks[name] = block_masks[name[len(prefix):] + ".weight"]
     blocks.blocks[index].to("cpu")
     return report, hidden, targets
 

@@ -44,6 +44,7 @@ from ebft.pipeline import (
     holdout_count,
     tune_block,
 )
+from ebft.sparsity import PackedMasks
 from ebft.structured import (
     ChannelStats,
     StructuredPlan,
@@ -180,8 +181,9 @@ def structured_prune_and_finetune(
                "parameters_removed_fraction": 1 - params_after / params_before}
     logger.info("structured: %d -> %d parameters (whole model, %.2f%% fewer); blocks' linear layers %.4f removed",
                 params_before, params_after, 100 * summary["parameters_removed_fraction"], plan.achieved)
-    masks = {name: torch.ones_like(linear.weight, dtype=torch.bool, device="cpu")
-             for name, linear in blocks.all_linears().items()}
+    masks = PackedMasks()
+    for name, linear in blocks.all_linears().items():
+        masks[name] = torch.ones(linear.weight.shape, dtype=torch.bool)
     return StructuredResult(reports, masks, time.perf_counter() - start, summary=summary)  # type: ignore[arg-type]
 
 

@@ -57,6 +57,8 @@ def test_wanda_ebft_every_block_improves(family: str, tiny_factory: Callable[...
         assert len(block.epoch_losses) == 3
         assert block.seconds > 0
     _assert_masks_in_model(model, result.masks)
+    # the masks are kept packed, eight entries to a byte
+    assert result.masks.nbytes() == sum(-(-mask.numel() // 8) for mask in result.masks.values())
     stats = mask_stats(result.masks)
     assert set(stats["per_layer"].values()) == {0.5}
     # every row keeps exactly half (Wanda compares within rows)

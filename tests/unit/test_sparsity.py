@@ -7,11 +7,14 @@ import torch
 
 from ebft.errors import UsageError
 from ebft.sparsity import (
+    PackedMasks,
     apply_mask_,
     check_nm,
     mask_stats,
     nm_mask,
     num_pruned,
+    pack_mask,
+    unpack_mask,
     unstructured_mask,
     weight_sparsity,
 )
@@ -291,3 +294,53 @@ def test_mask_stats() -> None:
     assert stats["per_layer"] == {"a": 0.5, "b": 0.25}
     assert stats["overall"] == pytest.approx(18 / 40)
     assert mask_stats({}) == {"overall": 0.0, "per_layer": {}}
+
+
+# ------------------------------------------------------------------ packed masks
+
+
+def test_pack_mask_by_hand() -> None:
+    # row-major, least significant bit first: 1000 0001 -> 1 + 128; then 11 padded with zeros -> 3
+    mask = _m([[1, 0, 0, 0, 0], [0, 0, 1, 1, 1]])
+    assert pack_mask(mask).tolist() == [129, 3]
+    assert pack_mask(_m([[0, 1, 0, 0, 0, 0, 0, 0]])).tolist() == [2]
+    assert pack_mask(torch.ones(2, 8, dtype=torch.bool)).tolist() == [255, 255]
+    assert pack_mask(torch.empty(0, 3, dtype=torch.bool)).tolist() == []
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (8, 8), (7, 13), (64, 24), (0, 4)])
+def test_pack_mask_matches_numpy_and_round_trips(shape: tuple[int, int]) -> None:
+    np = pytest.importorskip("numpy")
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(sum(shape))) < 0.4
+    packed = pack_mask(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
+    assert packed.tolist() == np.packbits(mask.numpy().reshape(-1), bitorder="little").tolist()
+    restored = unpack_mask(packed, mask.shape)
+    assert restored.dtype == torch.bool and torch.equal(restored, mask)
+
+
+def test_unpack_mask_rejects_a_wrong_size() -> None:
+    with pytest.raises(ValueError, match="cannot hold a mask of shape"):
+        unpack_mask(torch.zeros(2, dtype=torch.uint8), (4, 5))  # 20 entries need 3 bytes
+    with pytest.raises(ValueError, match="cannot hold"):
+        unpack_mask(torch.zeros(3, dtype=torch.int64), (4, 5))
+
+
+def test_packed_masks_behave_as_a_dict_in_an_eighth_of_the_memory() -> None:
+    plain = {"a": unstructured_mask(S, 0.5, per_row=True), "b": _m([[1, 0, 1], [1, 1, 0], [0, 0, 1]])}
+    store = PackedMasks(plain)
+    assert list(store) == ["a", "b"] and len(store) == 2 and "a" in store
+    for name, mask in plain.items():
+        assert torch.equal(store[name], mask)
+    assert store.nbytes() == 32 // 8 + 2  # 9 entries take two bytes
+    assert mask_stats(store) == mask_stats(plain)
+    read = store["a"]
+    read.fill_(False)  # a read is a copy: the store keeps its mask
+    assert torch.equal(store["a"], plain["a"])
+    store["a"] = read  # storing replaces it
+    assert not store["a"].any()
+    del store["b"]
+    assert list(store) == ["a"]
+    big = torch.rand(256, 512) < 0.5
+    store["big"] = big
+    assert store.nbytes() * 8 == big.numel() * big.element_size() + 32

@@ -10,6 +10,7 @@ layer-wise) is pruned first. NaN scores rank above everything, so they are prune
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping, MutableMapping
 
 import torch
 from torch import Tensor
@@ -17,11 +18,14 @@ from torch import Tensor
 from ebft.errors import UsageError
 
 __all__ = [
+    "PackedMasks",
     "apply_mask_",
     "check_nm",
     "mask_stats",
     "nm_mask",
     "num_pruned",
+    "pack_mask",
+    "unpack_mask",
     "unstructured_mask",
     "weight_sparsity",
 ]
@@ -144,3 +148,62 @@ def weight_sparsity(weight: Tensor) -> float:
     if numel == 0:
         return 0.0
     return int((weight == 0).sum().item()) / numel
+
+
+_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def pack_mask(mask: Tensor) -> Tensor:
+    """Eight mask entries per byte, in row-major order, least significant bit first (``numpy.packbits``
+    with ``bitorder="little"``); the last byte is padded with zeros. Returns a flat uint8 CPU tensor."""
+    flat = mask.detach().to(device="cpu", dtype=torch.bool).reshape(-1)
+    pad = -flat.numel() % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return (flat.view(-1, 8).to(torch.uint8) * _BIT_WEIGHTS).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
+    """The bool mask of ``shape`` that :func:`pack_mask` packed into ``packed``."""
+    numel = math.prod(shape)
+    if packed.dtype != torch.uint8 or packed.numel() != -(-numel // 8):
+        raise ValueError(f"{packed.numel()} packed {packed.dtype} bytes cannot hold a mask of shape {tuple(shape)}")
+    bits = packed.reshape(-1, 1).bitwise_and(_BIT_WEIGHTS.to(packed.device)).ne(0)
+    return bits.reshape(-1)[:numel].reshape(shape)
+
+
+class PackedMasks(MutableMapping[str, Tensor]):
+    """A ``{name: bool mask}`` dict that keeps each mask packed eight entries to a byte.
+
+    A bool tensor spends a byte per entry, so the masks of every layer of a 7B model take as much
+    host memory as its bf16 weights; packed, they take an eighth of that. Storing a mask packs a CPU
+    copy of it; reading one unpacks a new tensor, so changing what was read leaves the store as it was.
+    """
+
+    def __init__(self, masks: Mapping[str, Tensor] | None = None) -> None:
+        self._packed: dict[str, tuple[Tensor, torch.Size]] = {}
+        if masks is not None:
+            self.update(masks)
+
+    def __setitem__(self, name: str, mask: Tensor) -> None:
+        self._packed[name] = (pack_mask(mask), mask.shape)
+
+    def __getitem__(self, name: str) -> Tensor:
+        packed, shape = self._packed[name]
+        return unpack_mask(packed, shape)
+
+    def __delitem__(self, name: str) -> None:
+        del self._packed[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._packed)
+
+    def __len__(self) -> int:
+        return len(self._packed)
+
+    def nbytes(self) -> int:
+        """Bytes held by the packed masks."""
+        return sum(packed.numel() for packed, _ in self._packed.values())
+
+    def __repr__(self) -> str:
+        return f"PackedMasks({len(self)} masks, {self.nbytes()} bytes)"
