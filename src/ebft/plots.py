@@ -130,24 +130,41 @@ def lora_curve(losses: Sequence[float], path: Path, title: str) -> Path | None:
     return _save(plt, fig, path)
 
 
+def series_styles(labels: Sequence[str]) -> dict[str, tuple[int, str]]:
+    """``(colour index, line style)`` per ``"PRUNER"`` or ``"PRUNER + METHOD"`` label: one colour per
+    pruner in order of appearance, dashed for pruning alone, then ``-``, ``:``, ``-.`` per method."""
+    pruners = list(dict.fromkeys(label.partition(" + ")[0] for label in labels))
+    methods = list(dict.fromkeys(label.partition(" + ")[2] for label in labels if " + " in label))
+    method_styles = ["-", ":", "-."]
+    out = {}
+    for label in labels:
+        pruner, _, method = label.partition(" + ")
+        out[label] = (pruners.index(pruner), method_styles[methods.index(method) % 3] if method else "--")
+    return out
+
+
 def perplexity_vs_sparsity(series: dict[str, list[tuple[float, float, str | None]]], dense: float | None,
                            path: Path, title: str) -> Path | None:
     """One line per pruner + method through its unstructured points; N:M points as labelled markers.
 
-    ``series``: label -> ``[(sparsity, perplexity, nm label or None), ...]``.
+    ``series``: label -> ``[(sparsity, perplexity, nm label or None), ...]``, labels as ``"PRUNER"``
+    (pruning alone) or ``"PRUNER + METHOD"``. Each pruner has one colour; pruning alone is dashed
+    and each repair method has its own line style.
     """
     plt = pyplot()
     if plt is None or not series:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     markers = ["s", "^", "D", "v", "P", "X"]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = series_styles(list(series))
     nm_labels: list[str] = []
     for label, points in series.items():
         line = sorted((x, y) for x, y, nm in points if nm is None)
-        color = None
+        color_index, style = styles[label]
+        color = colors[color_index % len(colors)]
         if line:
-            (handle,) = ax.plot([x for x, _ in line], [y for _, y in line], "o-", ms=4, label=label)
-            color = handle.get_color()
+            ax.plot([x for x, _ in line], [y for _, y in line], marker="o", ls=style, ms=4, color=color, label=label)
         for x, y, nm in points:
             if nm is None:
                 continue
