@@ -188,6 +188,39 @@ def perplexity_vs_sparsity(series: dict[str, list[tuple[float, float, str | None
     return _save(plt, fig, path)
 
 
+def perplexity_vs_nsamples(series: dict[str, list[tuple[int, float]]], dense: float | None, seqlen: int | None,
+                           path: Path, title: str) -> Path | None:
+    """One line per pruner + method: perplexity against the number of calibration windows (log2 axis).
+
+    ``series``: label -> ``[(nsamples, perplexity), ...]``, labelled as for :func:`perplexity_vs_sparsity`.
+    """
+    plt = pyplot()
+    if plt is None or not series:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = series_styles(list(series))
+    for label, points in series.items():
+        points = sorted(points)
+        color_index, style = styles[label]
+        ax.plot([x for x, _ in points], [y for _, y in points], marker="o", ls=style, ms=4,
+                color=colors[color_index % len(colors)], label=label)
+    if dense is not None:
+        ax.axhline(dense, color="gray", ls="--", lw=1, label=f"dense ({dense:.2f})")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({x for points in series.values() for x, _ in points}))
+    ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_locator(plt.NullLocator())
+    ax.set_yscale("log")
+    _plain_log_labels(ax)
+    ax.set_xlabel("calibration windows" + (f" of {seqlen} tokens" if seqlen else ""))
+    ax.set_ylabel("perplexity")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save(plt, fig, path)
+
+
 def loss_ratio_by_block(cells: dict[str, Sequence[dict[str, Any]]], path: Path, title: str) -> Path | None:
     """final/init reconstruction loss per block, one line per tuned cell (comparable across blocks)."""
     plt = pyplot()

@@ -1096,6 +1096,8 @@ def _summary_plots(sweep: Sweep, cells: list[tuple[Cell, dict[str, Any]]],
                                                 f"{model}: perplexity on {source}")
             if path is not None:
                 made.append((path.relative_to(sweep.out).as_posix(), f"perplexity vs sparsity on {source}"))
+    if len(sweep.axes.get("nsamples", [])) > 1:
+        made += _nsamples_plots(sweep, cells, dense)
     tuned = {c.id: r["report"].get("blocks", []) for c, r in cells if c.settings["finetune"] != "none"}
     if tuned:
         path = plots.loss_ratio_by_block(tuned, folder / "block_loss_ratio.png",
@@ -1105,6 +1107,35 @@ def _summary_plots(sweep: Sweep, cells: list[tuple[Cell, dict[str, Any]]],
     for cell, record in cells:  # per-cell plots that an earlier run could not draw (no matplotlib then)
         if cell.settings["finetune"] != "none" and not (folder / "cells" / f"{cell.id}.blocks.png").exists():
             _cell_plots(sweep, cell.id, record)
+    return made
+
+
+def _nsamples_plots(sweep: Sweep, cells: list[tuple[Cell, dict[str, Any]]],
+                    dense: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+    """Perplexity against the number of calibration windows, per eval source and model."""
+    made: list[tuple[str, str]] = []
+    multi_model = len(sweep.models) > 1
+    extra = _varying(sweep, ("model", "pruner", "finetune", "seed", "nsamples"))
+    for source in sweep.eval.sources:
+        for model in sweep.models:
+            series: dict[str, list[tuple[int, float]]] = {}
+            for cell, record in cells:
+                value = record["report"].get("eval", {}).get(source)
+                if cell.model != model or value is None or not math.isfinite(value):
+                    continue
+                method = cell.settings["finetune"]
+                label = cell.settings["pruner"] + ("" if method == "none" else f" + {method}")
+                if extra:
+                    label += " (" + ", ".join(f"{k} {_value_label(k, cell.settings.get(k))}" for k in extra) + ")"
+                series.setdefault(label, []).append((cell.settings["nsamples"], value))
+            if not any(len(points) > 1 for points in series.values()):
+                continue
+            dense_value = dense.get(model, {}).get("report", {}).get("eval", {}).get(source)
+            stem = f"ppl_vs_nsamples.{_slug_source(source)}" + (f".{_slug_model(model)}" if multi_model else "")
+            path = plots.perplexity_vs_nsamples(series, dense_value, sweep.fixed.get("seqlen"), sweep.out / "plots" /
+                                                f"{stem}.png", f"{model}: perplexity on {source}")
+            if path is not None:
+                made.append((path.relative_to(sweep.out).as_posix(), f"perplexity vs calibration windows on {source}"))
     return made
 
 

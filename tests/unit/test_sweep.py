@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -399,6 +400,10 @@ def test_zeroshot_and_calibration_tables(tiny_model_dir: Path, text_file: Path, 
         assert f"{100 * zs['mean_acc']:.2f} |" in summary
     dense = json.loads((tmp_path / "out" / "cells" / "dense.tiny-llama.json").read_text())
     assert summary.count("| dense |") == 1 and dense["zeroshot"]["tasks"]["rte"]["n"] == 3
+    if importlib.util.find_spec("matplotlib") is not None:  # the calibration-size plot
+        plot = tmp_path / "out" / "plots" / "ppl_vs_nsamples.text-pydoc.txt.png"
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"({plot.relative_to(tmp_path / 'out')})" in summary
+        assert not (tmp_path / "out" / "plots" / "ppl_vs_sparsity.text-pydoc.txt.png").exists()  # one sparsity
 
 
 def test_unknown_key_is_a_usage_error(tmp_path: Path) -> None:
