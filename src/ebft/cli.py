@@ -240,6 +240,11 @@ def _join_torchrun(device: str):
     return dist
 
 
+def _pm(value: float, stderr: float | None) -> str:
+    """``0.4200 ± 0.0350`` (the standard error), or the value alone."""
+    return f"{value:.4f}" if stderr is None else f"{value:.4f} ± {stderr:.4f}"
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from ebft.data import evaluation_tokens, load_documents, parse_source
     from ebft.eval import perplexity
@@ -301,13 +306,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             zs.skipped.update(plan.skipped)
         scope = f"first {args.limit} examples per task" if args.limit is not None else "all examples"
         print(f"zero-shot accuracy ({zs.backend} back-end, {scope}, {zs.seconds:.0f} s):")
-        for name, r in zs.tasks.items():
-            norm = f"  acc_norm {r.acc_norm:.4f}" if r.acc_norm is not None else ""
-            print(f"  {name:<14} acc {r.acc:.4f}{norm}  (n={r.n})")
+        result = zs.to_dict()
+        for name, r in result["tasks"].items():
+            norm = f"  acc_norm {_pm(r['acc_norm'], r.get('acc_norm_stderr'))}" if "acc_norm" in r else ""
+            print(f"  {name:<14} acc {_pm(r['acc'], r.get('acc_stderr'))}{norm}  (n={r['n']})")
         for name in zs.skipped:
             print(f"  {name:<14} skipped: not available offline")
-        print(f"mean acc over {len(zs.tasks)} tasks: {zs.mean_acc:.4f}")
-        summary.update(zs.to_dict())
+        print(f"mean acc over {len(zs.tasks)} tasks: {_pm(result['mean_acc'], result.get('mean_acc_stderr'))}")
+        summary.update(result)
     if args.json is not None:
         write_json(args.json, summary)
     return 0

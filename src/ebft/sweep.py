@@ -1012,6 +1012,8 @@ def _calib_table(page: Page, sweep: Sweep, cells: list[tuple[Cell, dict[str, Any
 
 def _zeroshot_table(page: Page, sweep: Sweep, cells: list[tuple[Cell, dict[str, Any]]],
                     dense: dict[str, dict[str, Any]]) -> None:
+    from ebft.eval.zeroshot import mean_acc_stderr
+
     entries = [(["dense", "", ""] if len(sweep.models) < 2 else [f"dense {m}", "", ""], r["zeroshot"])
                for m, r in dense.items() if r.get("zeroshot")]
     extra = _varying(sweep, ("pruner", "sparsity", "finetune"))
@@ -1030,10 +1032,14 @@ def _zeroshot_table(page: Page, sweep: Sweep, cells: list[tuple[Cell, dict[str, 
     limit = first.get("limit")
     page.para(f"`acc` per task ({first.get('backend')} back-end, "
               f"{'first ' + str(limit) + ' examples per task' if limit else 'all examples'}); mean: unweighted "
-              "mean over the tasks.")
-    rows = [label + [fmt(100 * zs["tasks"][t]["acc"]) if t in zs["tasks"] else "" for t in tasks]
-            + [fmt(100 * zs["mean_acc"])] for label, zs in entries]
-    page.table(["pruner", "sparsity", "finetune", *tasks, "mean"], rows)
+              "mean over the tasks; s.e.: its standard error (each task's `sqrt(acc (1 - acc) / (n - 1))`, "
+              "combined as independent).")
+    rows = []
+    for label, zs in entries:
+        stderr = mean_acc_stderr(zs["tasks"])  # from acc and n, so that older records get it too
+        rows.append(label + [fmt(100 * zs["tasks"][t]["acc"]) if t in zs["tasks"] else "" for t in tasks]
+                    + [fmt(100 * zs["mean_acc"]), fmt(100 * stderr) if stderr is not None else ""])
+    page.table(["pruner", "sparsity", "finetune", *tasks, "mean", "s.e."], rows)
 
 
 def _cells_table(page: Page, sweep: Sweep, cells: list[tuple[Cell, dict[str, Any]]]) -> None:

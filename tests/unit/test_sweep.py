@@ -393,7 +393,7 @@ def test_zeroshot_and_calibration_tables(tiny_model_dir: Path, text_file: Path, 
     summary = (tmp_path / "out" / "summary.md").read_text(encoding="utf-8")
     assert "### Calibration samples" in summary and "### Zero-shot accuracy" in summary
     header = next(line for line in summary.splitlines() if line.startswith("| pruner | sparsity | finetune | rte"))
-    assert header == "| pruner | sparsity | finetune | rte | boolq | mean |"
+    assert header == "| pruner | sparsity | finetune | rte | boolq | mean | s.e. |"
     for cell in sweep.cells:
         zs = read_cell(sweep.cell_path(cell.id))["zeroshot"]
         assert zs["limit"] == 3 and set(zs["tasks"]) == {"rte", "boolq"}

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import statistics
 import sys
 import types
 from pathlib import Path
@@ -15,7 +17,15 @@ import torch
 from ebft.cli import main
 from ebft.eval import zeroshot as zs
 from ebft.eval.tasks_local import SUPPORTED_TASKS, TASKS, Example, load_examples, parse_tasks
-from ebft.eval.zeroshot import evaluate_harness, evaluate_local, loglikelihoods, select_backend
+from ebft.eval.zeroshot import (
+    TaskResult,
+    acc_stderr,
+    evaluate_harness,
+    evaluate_local,
+    loglikelihoods,
+    mean_acc_stderr,
+    select_backend,
+)
 
 # --- a handful of examples per task, in each file's original layout -------------------------------
 
@@ -272,17 +282,34 @@ def test_accuracy_matches_a_direct_computation(long_tiny, tokenizer, data_root: 
         assert 0.0 <= r.acc <= 1.0
         assert (r.acc_norm is not None) == TASKS[task].has_acc_norm
         correct = correct_norm = 0
+        scores = []
         for ex, got in zip(examples, r.loglikelihoods):
             lls = [_direct_loglikelihood(long_tiny, tokenizer, c, x) for c, x in ex.requests]
             assert got == pytest.approx(lls, abs=1e-4)
-            correct += max(range(len(lls)), key=lambda i: lls[i]) == ex.gold
+            scores.append(float(max(range(len(lls)), key=lambda i: lls[i]) == ex.gold))
+            correct += scores[-1]
             normed = [ll / len(choice) for ll, choice in zip(lls, ex.choices)]
             correct_norm += max(range(len(normed)), key=lambda i: normed[i]) == ex.gold
         assert r.acc == pytest.approx(correct / len(examples))
+        # lm-eval's acc_stderr: the sample standard deviation of the 0/1 scores over sqrt(n)
+        assert r.to_dict()["acc_stderr"] == pytest.approx(statistics.stdev(scores) / math.sqrt(len(scores)))
         if r.acc_norm is not None:
             assert 0.0 <= r.acc_norm <= 1.0
             assert r.acc_norm == pytest.approx(correct_norm / len(examples))
     assert result.mean_acc == pytest.approx(sum(r.acc for r in result.tasks.values()) / len(tasks))
+    stderrs = [r.to_dict()["acc_stderr"] for r in result.tasks.values()]
+    assert result.to_dict()["mean_acc_stderr"] == pytest.approx(math.sqrt(sum(e * e for e in stderrs)) / len(tasks))
+
+
+def test_acc_stderr_by_hand() -> None:
+    assert acc_stderr(0.5, 5) == pytest.approx(0.25)  # sqrt(0.25 / 4)
+    assert acc_stderr(0.6, 5) == pytest.approx(statistics.stdev([1, 1, 1, 0, 0]) / math.sqrt(5))
+    assert acc_stderr(1.0, 7) == 0.0
+    with pytest.raises(ValueError, match="at least 2"):
+        acc_stderr(1.0, 1)
+    assert mean_acc_stderr({"a": {"acc": 0.5, "n": 5}, "b": {"acc": 0.5, "n": 5}}) == pytest.approx(0.25 / math.sqrt(2))
+    assert mean_acc_stderr({"a": {"acc": 0.5, "n": 5}, "b": {"acc": 1.0, "n": 1}}) is None
+    assert TaskResult("rte", 1.0, None, 1).to_dict() == {"acc": 1.0, "n": 1}  # no error from one example
 
 
 def test_acc_norm_divides_by_the_choice_length(monkeypatch: pytest.MonkeyPatch, tiny_llama, tokenizer) -> None:
@@ -392,9 +419,15 @@ def test_harness_backend_hands_over_the_model(monkeypatch: pytest.MonkeyPatch, t
     result = evaluate_harness(tiny_llama, tokenizer, ["rte", "piqa"], limit=4, batch_size=2)
     assert calls["hflm"][0] is tiny_llama and calls["hflm"][1] is tokenizer and calls["hflm"][2] == 2
     assert calls["evaluate"][1:] == (["rte", "piqa"], 4)
-    assert result.to_dict() == {
-        "tasks": {"rte": {"acc": 0.5, "n": 4}, "piqa": {"acc": 0.75, "acc_norm": 0.625, "n": 4}},
-        "mean_acc": 0.625, "backend": "harness", "limit": 4}
+    # standard errors sqrt(acc (1 - acc) / (n - 1)): rte sqrt(.25/3), piqa sqrt(.1875/3), acc_norm sqrt(.234375/3)
+    got = result.to_dict()
+    assert got["tasks"]["rte"] == pytest.approx({"acc": 0.5, "n": 4, "acc_stderr": 0.2886751}, abs=1e-6)
+    assert got["tasks"]["piqa"] == pytest.approx(
+        {"acc": 0.75, "acc_norm": 0.625, "n": 4, "acc_stderr": 0.25, "acc_norm_stderr": 0.2795085}, abs=1e-6)
+    assert list(got["tasks"]) == ["rte", "piqa"]
+    got.pop("tasks")
+    assert got == pytest.approx({"mean_acc": 0.625, "mean_acc_stderr": 0.1909407, "backend": "harness", "limit": 4},
+                                abs=1e-6)
 
 
 # --- command line ----------------------------------------------------------------------------------
@@ -414,8 +447,8 @@ def test_cli_writes_the_documented_json(tiny_model_dir: Path, tmp_path: Path,
             str(tmp_path / "data"), "--zeroshot-backend", "local", "--device", "cpu", "--quiet"]
     assert main(argv) == 0
     data = json.loads(out.read_text())
-    assert set(data) == {"tasks", "mean_acc", "backend", "limit"}
-    assert set(data["tasks"]) == {"rte"} and set(data["tasks"]["rte"]) == {"acc", "n"}
+    assert set(data) == {"tasks", "mean_acc", "mean_acc_stderr", "backend", "limit"}
+    assert set(data["tasks"]) == {"rte"} and set(data["tasks"]["rte"]) == {"acc", "n", "acc_stderr"}
     assert data["tasks"]["rte"]["n"] == 4 and data["tasks"]["rte"]["acc"] in (0.0, 0.25, 0.5, 0.75, 1.0)
     assert data["mean_acc"] == data["tasks"]["rte"]["acc"]
     assert (data["backend"], data["limit"]) == ("local", 4)
@@ -432,9 +465,11 @@ def test_cli_tasks_with_perplexity_and_auto_offline(tiny_model_dir: Path, tmp_pa
             "--tasks", "piqa,winogrande,hellaswag", "--json", str(out), "--device", "cpu", "--quiet"]
     assert main(argv) == 0
     data = json.loads(out.read_text())
-    assert {"perplexity", "tokens", "windows", "tasks", "mean_acc", "backend", "limit", "skipped"} == set(data)
+    assert {"perplexity", "tokens", "windows", "tasks", "mean_acc", "mean_acc_stderr", "backend", "limit",
+            "skipped"} == set(data)
     assert data["backend"] == "local" and data["limit"] is None
-    assert set(data["tasks"]["piqa"]) == {"acc", "acc_norm", "n"} and data["tasks"]["piqa"]["n"] == 4
+    assert set(data["tasks"]["piqa"]) == {"acc", "acc_norm", "n", "acc_stderr", "acc_norm_stderr"}
+    assert data["tasks"]["piqa"]["n"] == 4
     assert set(data["tasks"]) == {"piqa", "winogrande"} and "hellaswag" in data["skipped"]
     assert data["mean_acc"] == pytest.approx((data["tasks"]["piqa"]["acc"] + data["tasks"]["winogrande"]["acc"]) / 2)
 

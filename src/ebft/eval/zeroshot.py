@@ -57,9 +57,10 @@ _TOKENIZER_INFINITY = 1000000000000000019884624838656
 _TRUE = ("1", "true", "yes", "on")
 
 __all__ = [
-    "BACKENDS", "SUPPORTED_TASKS", "LocalPlan", "TaskResult", "ZeroShotResult", "encode_pair", "evaluate_harness",
-    "evaluate_local", "evaluate_zeroshot", "hub_reachable", "loglikelihoods", "model_max_length", "parse_tasks",
-    "plan_local", "select_backend",
+    "BACKENDS", "SUPPORTED_TASKS", "LocalPlan", "TaskResult", "ZeroShotResult", "acc_stderr", "encode_pair",
+    "evaluate_harness",
+    "evaluate_local", "evaluate_zeroshot", "hub_reachable", "loglikelihoods", "mean_acc_stderr", "model_max_length",
+    "parse_tasks", "plan_local", "select_backend",
 ]
 
 
@@ -81,7 +82,27 @@ class TaskResult:
         if self.acc_norm is not None:
             out["acc_norm"] = self.acc_norm
         out["n"] = self.n
+        if self.n > 1:
+            out["acc_stderr"] = acc_stderr(self.acc, self.n)
+            if self.acc_norm is not None:
+                out["acc_norm_stderr"] = acc_stderr(self.acc_norm, self.n)
         return out
+
+
+def acc_stderr(acc: float, n: int) -> float:
+    """Standard error of an accuracy over ``n`` examples, as lm-eval reports it: the sample standard
+    deviation of the 0/1 scores (``n - 1`` in the denominator) over ``sqrt(n)``."""
+    if n < 2:
+        raise ValueError(f"a standard error needs at least 2 examples; got {n}")
+    return math.sqrt(acc * (1.0 - acc) / (n - 1))
+
+
+def mean_acc_stderr(tasks: dict[str, dict[str, Any]]) -> float | None:
+    """Standard error of the unweighted mean ``acc`` over independent tasks (``{task: {"acc", "n"}}``):
+    ``sqrt(sum of squared task errors) / tasks``; ``None`` if a task has fewer than 2 examples."""
+    if not tasks or any(t["n"] < 2 for t in tasks.values()):
+        return None
+    return math.sqrt(sum(acc_stderr(t["acc"], t["n"]) ** 2 for t in tasks.values())) / len(tasks)
 
 
 @dataclass
@@ -98,12 +119,12 @@ class ZeroShotResult:
         return sum(r.acc for r in self.tasks.values()) / len(self.tasks)
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "tasks": {name: r.to_dict() for name, r in self.tasks.items()},
-            "mean_acc": self.mean_acc,
-            "backend": self.backend,
-            "limit": self.limit,
-        }
+        tasks = {name: r.to_dict() for name, r in self.tasks.items()}
+        out: dict[str, Any] = {"tasks": tasks, "mean_acc": self.mean_acc}
+        stderr = mean_acc_stderr(tasks)
+        if stderr is not None:
+            out["mean_acc_stderr"] = stderr
+        out.update(backend=self.backend, limit=self.limit)
         if self.skipped:
             out["skipped"] = dict(self.skipped)
         return out
