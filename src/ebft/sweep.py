@@ -120,6 +120,10 @@ RUN_KEYS: dict[str, tuple[str, Any]] = {
 #: Settings that ``finetune: none`` ignores: cells that differ only in these collapse into one.
 TRAIN_KEYS = ("epochs", "lr", "batch_size", "weight_decay", "grad_clip", "precision", "holdout_fraction", "patience",
               "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+#: Training settings that a repair method does not read: cells that differ only in these collapse into one.
+#: DSnoT reads ``batch_size`` (its forward passes) and ``holdout_fraction`` (its windows and the guard).
+IGNORED_BY = {"none": TRAIN_KEYS,
+              "dsnot": tuple(k for k in TRAIN_KEYS if k not in ("batch_size", "holdout_fraction"))}
 #: Settings that only one pruner or one method reads: key -> (setting, value). In other cells they are
 #: dropped, so that a grid can cross e.g. ``pruner`` with ``percdamp`` without asking Wanda for a dampening.
 ONLY_FOR = {"compile": ("finetune", "ebft"), "percdamp": ("pruner", "sparsegpt"),
@@ -483,9 +487,8 @@ def load_sweep(path: Path, out: Path | None = None, keep_models: bool | None = N
     seen: dict[str, dict[str, Any]] = {}
     for combo in itertools.product(*axes.values()):
         settings = {**{k: v for k, v in fixed.items() if k in RUN_KEYS}, **dict(zip(axes, combo))}
-        if settings["finetune"] == "none":  # training settings change nothing: these cells collapse into one
-            for key in TRAIN_KEYS:
-                settings.pop(key, None)
+        for key in IGNORED_BY.get(settings["finetune"], ()):  # settings that change nothing: such cells collapse
+            settings.pop(key, None)
         for key, (owner, value) in ONLY_FOR.items():
             if settings[owner] != value:
                 settings.pop(key, None)
@@ -947,10 +950,10 @@ def _ppl_tables(page: Page, sweep: Sweep, cells: list[tuple[Cell, dict[str, Any]
     methods = list(dict.fromkeys(c.settings["finetune"] for c, _ in cells))
     row_keys = [k for k in ("model", "pruner", "sparsity") if k != "model" or len(sweep.models) > 1]
     row_keys += _varying(sweep, ("model", "pruner", "sparsity", "finetune", "seed"))
-    train_at = [i for i, k in enumerate(row_keys) if k in TRAIN_KEYS]
 
-    def untrained(key: tuple) -> tuple:  # where a finetune-none cell sits: training settings do not apply
-        return tuple(None if i in train_at else v for i, v in enumerate(key))
+    def untrained(key: tuple, method: str) -> tuple:  # where a method's cell sits: the settings it ignores are unset
+        ignored = IGNORED_BY.get(method, ())
+        return tuple(None if k in ignored else v for k, v in zip(row_keys, key))
 
     for source in sweep.eval.sources:
         page.heading(f"Perplexity on `{source}`", 3)
@@ -965,13 +968,14 @@ def _ppl_tables(page: Page, sweep: Sweep, cells: list[tuple[Cell, dict[str, Any]
             key = tuple(cell.settings.get(k) for k in row_keys)
             value = record["report"].get("eval", {}).get(source)
             groups.setdefault(key, {}).setdefault(cell.settings["finetune"], []).append(value)
-        tuned_rows = {k for k, by in groups.items() if any(m != "none" for m in by)}
-        keys = sorted(tuned_rows | {k for k in groups if not any(untrained(t) == k for t in tuned_rows)},
+        # a row whose methods all sit in another row (their ignored settings unset) merges into that row
+        keys = sorted((k for k, by in groups.items()
+                       if not any(t != k and all(untrained(t, m) == k for m in by) for t in groups)),
                       key=lambda k: _row_order(sweep, row_keys, k))
         rows = []
         for key in keys:
             row = [_value_label(k, v) for k, v in zip(row_keys, key)]
-            values = [_mean_text(groups.get(untrained(key) if m == "none" else key, {}).get(m, [])) for m in methods]
+            values = [_mean_text(groups.get(untrained(key, m), {}).get(m, [])) for m in methods]
             rows.append(row + values)
         page.table([k.replace("_", " ") for k in row_keys] + methods, rows)
 
@@ -1160,7 +1164,9 @@ def build_summary(sweep: Sweep) -> Page:
         f", windows of {sweep.eval.seqlen}" + (f", first {sweep.eval.max_windows}" if sweep.eval.max_windows else "")
         + (f"; zero-shot tasks {', '.join(sweep.tasks)}" + (f" (limit {sweep.limit})" if sweep.limit else "")
            if sweep.tasks else "") + ".",
-        "`finetune none` cells ignore the training settings; their rows hold pruning alone.",
+        "`finetune none` cells ignore the training settings; their rows hold pruning alone." +
+        (" `dsnot` cells read only `batch_size` and `holdout_fraction` of them."
+         if any(c.settings["finetune"] == "dsnot" for c in sweep.cells) else ""),
     ])
     images = _summary_plots(sweep, cells, dense)
     page.heading("Results", 2)

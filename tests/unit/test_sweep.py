@@ -104,18 +104,42 @@ def test_pruner_and_method_settings_reach_only_their_cells(tiny_model_dir: Path,
     # Wanda ignores percdamp (2 cells), SparseGPT crosses it (4 cells)
     assert len(sweep.cells) == 6
     by_id = {c.id: c for c in sweep.cells}
-    wanda = by_id["tiny-llama.wanda.s50.dsnot.text-pydoc.txt.n4.len32.seed0.e1.lr0.001.b2"]
+    wanda = by_id["tiny-llama.wanda.s50.dsnot.text-pydoc.txt.n4.len32.seed0.b2"]
     assert "percdamp" not in wanda.settings and wanda.config.prune.percdamp is None
     assert wanda.config.finetune.dsnot_cycles == 3 and wanda.config.finetune.dsnot_threshold == 0.5
     gpt = by_id["tiny-llama.sparsegpt.s50.none.text-pydoc.txt.n4.len32.seed0.percdamp-0.1"]
     assert gpt.config.prune.percdamp == 0.1 and "dsnot_cycles" not in gpt.settings
     assert gpt.config.finetune.dsnot_cycles is None
-    assert by_id["tiny-llama.sparsegpt.s50.dsnot.text-pydoc.txt.n4.len32.seed0.e1.lr0.001.b2.percdamp-0.01"] \
+    assert by_id["tiny-llama.sparsegpt.s50.dsnot.text-pydoc.txt.n4.len32.seed0.b2.percdamp-0.01"] \
         .config.prune.percdamp == 0.01
     assert "compile" not in gpt.settings and not wanda.config.finetune.compile
     config.write_text(config.read_text(encoding="utf-8").replace("0.01, 0.1", "0.01, -1"), encoding="utf-8")
     with pytest.raises(UsageError, match=r"grid\.percdamp.*>= 0"):
         load_sweep(config)
+
+
+def test_dsnot_cells_collapse_across_the_training_settings_they_ignore(tiny_model_dir: Path, text_file: Path,
+                                                                       tmp_path: Path) -> None:
+    grid = """  lr: [1.0e-3, 2.0e-3]
+  finetune: [none, dsnot, ebft]"""
+    config = _config(tmp_path, tiny_model_dir, text_file, grid)
+    config.write_text(config.read_text(encoding="utf-8").replace("  lr: 1e-3\n", ""), encoding="utf-8")
+    sweep = load_sweep(config)
+    # DSnoT reads neither lr nor epochs: one DSnoT cell, like the one pruning-only cell; it keeps batch_size
+    assert sorted(c.id.split(".", 4)[3] for c in sweep.cells) == ["dsnot", "ebft", "ebft", "none"]
+    dsnot = next(c for c in sweep.cells if c.settings["finetune"] == "dsnot")
+    assert dsnot.id == "tiny-llama.wanda.s50.dsnot.text-pydoc.txt.n4.len32.seed0.b2"
+    assert "lr" not in dsnot.settings and "epochs" not in dsnot.settings and dsnot.config.finetune.batch_size == 2
+    run_sweep(sweep)
+    source = sweep.eval.sources[0]
+    value = {c.settings["finetune"] + str(c.settings.get("lr", "")): read_cell(sweep.cell_path(c.id))["report"]["eval"]
+             [source] for c in sweep.cells}
+    summary = (tmp_path / "out" / "summary.md").read_text(encoding="utf-8")
+    assert "| pruner | sparsity | lr | none | dsnot | ebft |" in summary
+    for lr in ("0.001", "0.002"):  # both lr rows show the shared none and DSnoT cells; no row of their own
+        assert (f"| wanda | 50% | {lr} | {value['none']:.2f} | {value['dsnot']:.2f} | "
+                f"{value['ebft' + str(float(lr))]:.2f} |") in summary
+    assert "| wanda | 50% |  |" not in summary and "read only `batch_size` and `holdout_fraction`" in summary
 
 
 def test_compile_reaches_ebft_cells_and_older_records_still_count(finished: Path, tmp_path: Path) -> None:
@@ -180,16 +204,18 @@ def test_config_errors(yaml_text: str, code: int, message: str, tiny_model_dir: 
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
-@pytest.mark.parametrize("name", ["study_sparsity", "study_calib", "study_zeroshot", "study_methods"])
+@pytest.mark.parametrize("name", ["study_sparsity", "study_calib", "study_zeroshot", "study_methods", "study_dsnot"])
 def test_study_configs_are_valid(name: str) -> None:
     sweep = load_sweep(EXPERIMENTS / f"{name}.yaml")
-    counts = {"study_sparsity": 36, "study_calib": 10, "study_zeroshot": 2, "study_methods": 12}
+    counts = {"study_sparsity": 36, "study_calib": 10, "study_zeroshot": 2, "study_methods": 12, "study_dsnot": 6}
     assert len(sweep.cells) == counts[name]
     for cell in sweep.cells:  # the settings of BENCHMARKS.md's core runs
         cfg = cell.config
         assert (cfg.model, cfg.calib.source, cfg.calib.seqlen, cfg.calib.seed) == ("smollm2-135m", "c4", 256, 0)
         assert cfg.eval.sources == ["wikitext2:test"] and cfg.eval.max_windows == 16 and cfg.eval.seqlen == 1024
-        if cfg.finetune.method != "none":
+        if cfg.finetune.method == "dsnot":  # reads only the batch size (and the held-out fraction)
+            assert cfg.finetune.batch_size == 4
+        elif cfg.finetune.method != "none":
             assert (cfg.finetune.epochs, cfg.finetune.lr, cfg.finetune.batch_size) == (10, 1e-3, 4)
     if name == "study_zeroshot":
         assert sweep.tasks == ["boolq", "rte", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "piqa"]
