@@ -143,6 +143,19 @@ def series_styles(labels: Sequence[str]) -> dict[str, tuple[int, str]]:
     return out
 
 
+def _finish_perplexity_axes(ax: Any, dense: float | None, xlabel: str, title: str) -> None:
+    """The dense line, a log perplexity axis with plain labels, labels, grid and legend."""
+    if dense is not None:
+        ax.axhline(dense, color="gray", ls="--", lw=1, label=f"dense ({dense:.2f})")
+    ax.set_yscale("log")
+    _plain_log_labels(ax)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("perplexity")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+
+
 def perplexity_vs_sparsity(series: dict[str, list[tuple[float, float, str | None]]], dense: float | None,
                            path: Path, title: str) -> Path | None:
     """One line per pruner + method through its unstructured points; N:M points as labelled markers.
@@ -174,17 +187,10 @@ def perplexity_vs_sparsity(series: dict[str, list[tuple[float, float, str | None
             ax.plot([x], [y], marker, color=color, ms=7, label=None if line else label,
                     markerfacecolor="none" if line else None)
             ax.annotate(nm, (x, y), textcoords="offset points", xytext=(5, 3), fontsize=7, color=color)
-    if dense is not None:
-        ax.axhline(dense, color="gray", ls="--", lw=1, label=f"dense ({dense:.2f})")
-    ax.set_yscale("log")
-    _plain_log_labels(ax)
     ax.set_xticks(sorted({x for points in series.values() for x, _, _ in points}))
-    ax.set_xlabel("sparsity (N:M patterns as hollow markers at their sparsity)" if nm_labels else "sparsity")
-    ax.set_ylabel("perplexity")
     ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.0%}"))
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    _finish_perplexity_axes(ax, dense, "sparsity (N:M patterns as hollow markers at their sparsity)" if nm_labels
+                            else "sparsity", title)
     return _save(plt, fig, path)
 
 
@@ -205,19 +211,11 @@ def perplexity_vs_nsamples(series: dict[str, list[tuple[int, float]]], dense: fl
         color_index, style = styles[label]
         ax.plot([x for x, _ in points], [y for _, y in points], marker="o", ls=style, ms=4,
                 color=colors[color_index % len(colors)], label=label)
-    if dense is not None:
-        ax.axhline(dense, color="gray", ls="--", lw=1, label=f"dense ({dense:.2f})")
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted({x for points in series.values() for x, _ in points}))
     ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_locator(plt.NullLocator())
-    ax.set_yscale("log")
-    _plain_log_labels(ax)
-    ax.set_xlabel("calibration windows" + (f" of {seqlen} tokens" if seqlen else ""))
-    ax.set_ylabel("perplexity")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    _finish_perplexity_axes(ax, dense, "calibration windows" + (f" of {seqlen} tokens" if seqlen else ""), title)
     return _save(plt, fig, path)
 
 

@@ -1074,6 +1074,24 @@ def _cells_table(page: Page, sweep: Sweep, cells: list[tuple[Cell, dict[str, Any
                 "plots"], rows)
 
 
+def _line_points(sweep: Sweep, cells: list[tuple[Cell, dict[str, Any]]], source: str, model: str,
+                 along: str) -> Iterator[tuple[str, Cell, float]]:
+    """``(line label, cell, perplexity)`` for each cell of ``model`` with a finite ``source`` perplexity,
+    for a plot along the axis ``along``: the label is the pruner, `` + METHOD`` unless the method is
+    none, and the cell's other varying settings."""
+    varying = _varying(sweep, ("model", "pruner", along, "finetune", "seed"))
+    for cell, record in cells:
+        value = record["report"].get("eval", {}).get(source)
+        if cell.model != model or value is None or not math.isfinite(value):
+            continue
+        method = cell.settings["finetune"]
+        label = cell.settings["pruner"] + ("" if method == "none" else f" + {method}")
+        extra = [k for k in varying if cell.settings.get(k) is not None]
+        if extra:
+            label += " (" + ", ".join(f"{k} {_value_label(k, cell.settings.get(k))}" for k in extra) + ")"
+        yield label, cell, value
+
+
 def _summary_plots(sweep: Sweep, cells: list[tuple[Cell, dict[str, Any]]],
                    dense: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
     made: list[tuple[str, str]] = []
@@ -1082,18 +1100,7 @@ def _summary_plots(sweep: Sweep, cells: list[tuple[Cell, dict[str, Any]]],
     for source in sweep.eval.sources:
         for model in sweep.models:
             series: dict[str, list[tuple[float, float, str | None]]] = {}
-            for cell, record in cells:
-                if cell.model != model:
-                    continue
-                value = record["report"].get("eval", {}).get(source)
-                if value is None or not math.isfinite(value):
-                    continue
-                method = cell.settings["finetune"]
-                label = cell.settings["pruner"] + ("" if method == "none" else f" + {method}")
-                extra = [k for k in _varying(sweep, ("model", "pruner", "sparsity", "finetune", "seed"))
-                         if cell.settings.get(k) is not None]
-                if extra:
-                    label += " (" + ", ".join(f"{k} {_value_label(k, cell.settings.get(k))}" for k in extra) + ")"
+            for label, cell, value in _line_points(sweep, cells, source, model, "sparsity"):
                 sparsity = cell.settings["sparsity"]
                 nm = sparsity if isinstance(sparsity, str) else None
                 x = cell.config.prune.sparsity
@@ -1125,18 +1132,10 @@ def _nsamples_plots(sweep: Sweep, cells: list[tuple[Cell, dict[str, Any]]],
     """Perplexity against the number of calibration windows, per eval source and model."""
     made: list[tuple[str, str]] = []
     multi_model = len(sweep.models) > 1
-    extra = _varying(sweep, ("model", "pruner", "finetune", "seed", "nsamples"))
     for source in sweep.eval.sources:
         for model in sweep.models:
             series: dict[str, list[tuple[int, float]]] = {}
-            for cell, record in cells:
-                value = record["report"].get("eval", {}).get(source)
-                if cell.model != model or value is None or not math.isfinite(value):
-                    continue
-                method = cell.settings["finetune"]
-                label = cell.settings["pruner"] + ("" if method == "none" else f" + {method}")
-                if extra:
-                    label += " (" + ", ".join(f"{k} {_value_label(k, cell.settings.get(k))}" for k in extra) + ")"
+            for label, cell, value in _line_points(sweep, cells, source, model, "nsamples"):
                 series.setdefault(label, []).append((cell.settings["nsamples"], value))
             if not any(len(points) > 1 for points in series.values()):
                 continue

@@ -175,8 +175,8 @@ def unpack_mask(packed: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
 class PackedMasks(MutableMapping[str, Tensor]):
     """A ``{name: bool mask}`` dict that keeps each mask packed eight entries to a byte.
 
-    A bool tensor spends a byte per entry, so the masks of every layer of a 7B model take as much
-    host memory as its bf16 weights; packed, they take an eighth of that. Storing a mask packs a CPU
+    A bool tensor spends a byte per entry, so the masks of every layer of a 7B model take half as much
+    host memory as its bf16 weights (6 GiB); packed, they take an eighth of that. Storing a mask packs a CPU
     copy of it; reading one unpacks a new tensor, so changing what was read leaves the store as it was.
     """
 
