@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,26 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model.save_pretrained(folder)
     byte_tokenizer().save_pretrained(folder)
     return folder
+
+
+@contextlib.contextmanager
+def interrupted_after_block(stop_after: int) -> Iterator[None]:
+    """Within the block, a run raises KeyboardInterrupt (Ctrl-C) right after block ``stop_after``'s checkpoint."""
+    from ebft.checkpoint import Checkpoint
+
+    save_block = Checkpoint.save_block
+
+    def save_then_interrupt(self: Checkpoint, index: int, *args: object, **kwargs: object) -> None:
+        save_block(self, index, *args, **kwargs)
+        if index == stop_after:
+            raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Checkpoint, "save_block", save_then_interrupt)
+        yield
+
+
+@pytest.fixture(scope="session")
+def interrupt_after() -> Callable[[int], contextlib.AbstractContextManager[None]]:
+    """``with interrupt_after(k):`` a run inside stops with Ctrl-C right after block ``k`` is committed."""
+    return interrupted_after_block

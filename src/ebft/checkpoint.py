@@ -18,9 +18,6 @@ leaves the previous commit intact, and files it does not name are ignored (and c
 
 RNG: the pipeline seeds every block from ``(seed, index)`` (tuners their own generators, anything
 else through a forked global generator), so no RNG state has to be carried between blocks.
-
-``EBFT_TEST_KILL_AFTER_BLOCK=k`` (for tests only) makes the process SIGKILL itself right after
-block ``k``'s checkpoint is committed.
 """
 
 from __future__ import annotations
@@ -31,7 +28,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -41,12 +37,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ebft.errors import EbftError, UsageError
-from ebft.export import check_out_path
+from ebft.fsio import atomic_write, check_out_path, fsync_path, fsync_tree, replace_dir, write_json
 
 logger = logging.getLogger(__name__)
 
 FORMAT = 1
-KILL_ENV = "EBFT_TEST_KILL_AFTER_BLOCK"
 
 #: Config fields that do not change the pruned model and may differ on --resume.
 IGNORED_FIELDS = ("out", "eval", "eval_dense", "data_dir", "offload")
@@ -163,39 +158,7 @@ def _other_settings(work: Path, diff: str) -> UsageError:
                       "repeat its flags or pass --overwrite to start over")
 
 
-# ----------------------------------------------------------------------------- durable files
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file (or a folder's entries) to disk."""
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if Path(path).is_dir() else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        return  # some file systems do not open folders; the rename is still atomic
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)``, fsync, rename to ``path``, fsync the folder: ``path`` is old or new, never half."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        fsync_path(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_path(path.parent)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n", encoding="utf-8"))
+# ----------------------------------------------------------------------------- the run state
 
 
 def _read_state(work: Path) -> dict[str, Any] | None:
@@ -221,13 +184,6 @@ def _lock(work: Path) -> Any:
         handle.close()
         raise EbftError(f"another ebft process is working in {work}; wait for it or choose another --out") from None
     return handle
-
-
-def _maybe_kill(index: int) -> None:
-    """Test hook: ``EBFT_TEST_KILL_AFTER_BLOCK=index`` kills the process like a crash would."""
-    if os.environ.get(KILL_ENV) == str(index):
-        logger.warning("%s=%d: killing the process (test hook)", KILL_ENV, index)
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------- the checkpoint
@@ -268,7 +224,7 @@ class Checkpoint:
                 state = {"format": FORMAT, "config": config, "fingerprint": calib_fingerprint, "done": 0,
                          "blocks": [], "hidden": None, "resumes": []}
             (work / "blocks").mkdir(exist_ok=True)
-            _write_json(work / "run.json", state)
+            write_json(work / "run.json", state)
         except BaseException:
             lock.close()
             raise
@@ -311,10 +267,9 @@ class Checkpoint:
         atomic_write(self.folder / hidden_name, lambda tmp: torch.save(hidden, tmp))
         previous = self.state["hidden"]
         self.state.update(done=index + 1, hidden=hidden_name, blocks=[*self.state["blocks"], report])
-        _write_json(self.folder / "run.json", self.state)  # the commit point
+        write_json(self.folder / "run.json", self.state)  # the commit point
         if previous and previous != hidden_name:
             (self.folder / previous).unlink(missing_ok=True)
-        _maybe_kill(index)
 
     def load_blocks(self, blocks: list[nn.Module], prefixes: list[str],
                     masks: MutableMapping[str, torch.Tensor] | None = None) -> None:
@@ -351,15 +306,12 @@ class Checkpoint:
             shutil.rmtree(final)
         final.mkdir()
         save_model(model, tokenizer, final / "model")
-        for path in sorted((final / "model").rglob("*")):
-            if path.is_file():
-                fsync_path(path)
-        fsync_path(final / "model")
+        fsync_tree(final / "model")
 
     def publish(self, report: dict[str, Any]) -> None:
         """Write ``final/report.json`` (the staged run is now complete), then rename ``final/`` to ``out``."""
         final = self.folder / "final"
-        _write_json(final / "report.json", report)
+        write_json(final / "report.json", report)
         fsync_path(final)
         publish(self.out)
         self.close()
@@ -414,14 +366,6 @@ def publish_staged(out: Path) -> dict[str, Any]:
 
 def publish(out: Path) -> None:
     """The last step of a run: ``work_dir(out)/final`` becomes ``out``; the work folder goes away."""
-    out = Path(out)
-    work = work_dir(out)
-    final = work / "final"
-    old = out.parent / f".{out.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    final.rename(out)
-    fsync_path(out.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    work = work_dir(Path(out))
+    replace_dir(work / "final", Path(out))
     shutil.rmtree(work, ignore_errors=True)

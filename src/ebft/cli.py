@@ -248,7 +248,7 @@ def _pm(value: float, stderr: float | None) -> str:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from ebft.data import evaluation_tokens, load_documents, parse_source
     from ebft.eval import perplexity
-    from ebft.export import write_json
+    from ebft.fsio import write_json
     from ebft.models import load_model
     from ebft.runner import resolve_device
 

@@ -2,7 +2,7 @@
 
 matplotlib is optional (``pip install 'ebft[plot]'``) and imported lazily with the Agg back-end.
 Without it every function here returns ``None``; :func:`pyplot` warns once per process that plots
-were skipped. Every file is written atomically (``ebft.checkpoint.atomic_write``).
+were skipped. Every file is written atomically (``ebft.fsio.atomic_write``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ebft.checkpoint import atomic_write
+from ebft.fsio import atomic_write
 
 logger = logging.getLogger(__name__)
 

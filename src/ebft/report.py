@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from ebft import plots
-from ebft.checkpoint import atomic_write, read_report
+from ebft.checkpoint import read_report
 from ebft.errors import EbftError, UsageError
+from ebft.fsio import write_text
 
 logger = logging.getLogger(__name__)
 
@@ -103,12 +104,6 @@ def _inline(text: str) -> str:
     escaped = html.escape(str(text))
     escaped = re.sub(r"`([^`]+)`", r"<code>\1</code>", escaped)
     return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", escaped)
-
-
-def write_text(path: Path, text: str) -> Path:
-    """Write ``text`` atomically (temporary file, fsync, rename)."""
-    atomic_write(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
-    return Path(path)
 
 
 # ----------------------------------------------------------------------------- number formatting

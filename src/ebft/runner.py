@@ -19,7 +19,8 @@ from ebft.config import MODEL_FINETUNERS, RunConfig
 from ebft.data import calibration_windows, evaluation_tokens, load_documents, parse_source
 from ebft.errors import EbftError, UsageError
 from ebft.eval import perplexity
-from ebft.export import existing_ancestor, save_model
+from ebft.export import save_model
+from ebft.fsio import existing_ancestor
 from ebft.finetune import FINETUNERS
 from ebft.finetune.base import resolve_precision
 from ebft.models import SUPPORTED_MODEL_TYPES, find_blocks, load_model

@@ -77,11 +77,11 @@ from typing import Any
 import torch
 
 from ebft import plots
-from ebft.checkpoint import atomic_write
+from ebft.fsio import atomic_dir, write_json, write_text
 from ebft.config import CalibConfig, EvalConfig, FinetuneConfig, PruneConfig, RunConfig, parse_nm
 from ebft.data import calibration_windows, evaluation_tokens, parse_source
 from ebft.errors import EbftError, UsageError
-from ebft.report import Page, fmt, run_plots, sparsity_label, write_text
+from ebft.report import Page, fmt, run_plots, sparsity_label
 from ebft.runner import evaluate_all, resolve_device, run_prune, validate_inputs
 
 logger = logging.getLogger(__name__)
@@ -551,8 +551,7 @@ def _settings_diff(old: dict[str, Any], new: dict[str, Any]) -> str | None:
 
 def _write_record(path: Path, record: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(record, indent=1, allow_nan=True) + "\n"
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_json(path, record, indent=1)
 
 
 @dataclass
@@ -885,7 +884,7 @@ def _run_cell(sweep: Sweep, cell: Cell, resident: _Resident, backend: tuple[str,
     if zs is not None:
         record["zeroshot"] = zs
     if sweep.keep_models:
-        from ebft.export import atomic_dir, save_model
+        from ebft.export import save_model
 
         with atomic_dir(sweep.out / "models" / cell.id, overwrite=True) as tmp:
             save_model(resident.model, resident.tokenizer, tmp)

@@ -19,6 +19,7 @@ from ebft.distributed import DistContext, process_device, torchrun_world
 from ebft.errors import EbftError, UsageError
 
 NBLOCKS = 3
+KILLER = Path(__file__).resolve().parents[1] / "kill_after_block.py"
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +44,13 @@ def single(model_dir: Path, text_file: Path, tmp_path_factory: pytest.TempPathFa
     return out
 
 
-def _torchrun(argv: list[str], cwd: Path, nproc: int = 2, **extra_env: str) -> subprocess.CompletedProcess:
+def _torchrun(argv: list[str], cwd: Path, nproc: int = 2, kill_after: int | None = None) -> subprocess.CompletedProcess:
+    """``torchrun -m ebft ARGV``; with ``kill_after``, rank 0 is SIGKILLed right after that block's checkpoint."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", **extra_env)
+    env.update(OMP_NUM_THREADS="1")
+    target = ["-m", "ebft"] if kill_after is None else [str(KILLER), str(kill_after)]
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                           "-m", "ebft", *argv], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+                           *target, *argv], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
 
 
 def _tensors(out: Path) -> dict[str, torch.Tensor]:
@@ -87,7 +90,7 @@ def test_a_failing_process_fails_the_job(model_dir: Path, text_file: Path, two: 
     """A process that dies after its first block ends the whole job; --resume then gives the same model."""
     out = tmp_path / "run"
     argv = _argv(model_dir, text_file, out)
-    proc = _torchrun(argv, tmp_path, EBFT_TEST_KILL_AFTER_BLOCK="0")
+    proc = _torchrun(argv, tmp_path, kill_after=0)
     assert proc.returncode != 0
     assert not out.exists()
     state = json.loads((work_dir(out) / "run.json").read_text())

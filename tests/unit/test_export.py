@@ -12,7 +12,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from ebft.errors import UsageError
-from ebft.export import atomic_dir, check_out_dir, write_json
+from ebft.fsio import atomic_dir, check_out_dir, write_json
 from ebft.models import prepare_for_saving
 
 

@@ -257,10 +257,10 @@ def finished_run(tiny_model_dir: Path, text_file: Path, tmp_path_factory: pytest
 
 
 @pytest.fixture(scope="module")
-def unfinished_run(tiny_model_dir: Path, text_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def unfinished_run(tiny_model_dir: Path, text_file: Path, tmp_path_factory: pytest.TempPathFactory,
+                   interrupt_after) -> Path:
     out = tmp_path_factory.mktemp("unfinished") / "out"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ebft.checkpoint, "_maybe_kill", lambda index: (_ for _ in ()).throw(KeyboardInterrupt))
+    with interrupt_after(0):
         assert main(shlex.split(PRUNE.format(model=tiny_model_dir, text=text_file, out=out)) + ["--quiet"]) == 130
     return work_dir(out)
 

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 import ebft.checkpoint
-from ebft.checkpoint import KILL_ENV, work_dir
+from ebft.checkpoint import work_dir
 from ebft.cli import main
 
 NBLOCKS = 4
+KILLER = Path(__file__).resolve().parents[1] / "kill_after_block.py"
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +47,9 @@ def reference(model_dir: Path, text_file: Path, tmp_path_factory: pytest.TempPat
 
 
 def _killed(argv: list[str], kill_after: int, cwd: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", KILL_ENV: str(kill_after)}
-    proc = subprocess.run([sys.executable, "-m", "ebft", *argv], capture_output=True, text=True, env=env, cwd=cwd,
-                          timeout=300)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(KILLER), str(kill_after), *argv], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
 
 
@@ -83,16 +84,11 @@ def test_sigkill_then_resume_is_bitwise_identical(kills: tuple[int, ...], model_
 
 @pytest.mark.parametrize("stop_after", [0, 2])
 def test_interrupt_then_resume_in_process(stop_after: int, model_dir: Path, text_file: Path, reference: Path,
-                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+                                          tmp_path: Path, interrupt_after) -> None:
     """An exception (here Ctrl-C) after block k keeps the finished blocks; --resume continues from k + 1."""
     out = tmp_path / "run"
 
-    def interrupt(index: int) -> None:
-        if index == stop_after:
-            raise KeyboardInterrupt
-
-    with monkeypatch.context() as patch:
-        patch.setattr(ebft.checkpoint, "_maybe_kill", interrupt)
+    with interrupt_after(stop_after):
         assert main(_argv(model_dir, text_file, out)) == 130
     _assert_unfinished(out, stop_after + 1)
     assert main(_argv(model_dir, text_file, out, "--resume")) == 0
@@ -135,10 +131,9 @@ def test_resume_without_a_run_starts_one(model_dir: Path, text_file: Path, refer
 
 
 def test_overwrite_discards_an_unfinished_run(model_dir: Path, text_file: Path, reference: Path, tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+                                              interrupt_after) -> None:
     out = tmp_path / "run"
-    with monkeypatch.context() as patch:
-        patch.setattr(ebft.checkpoint, "_maybe_kill", lambda index: (_ for _ in ()).throw(KeyboardInterrupt))
+    with interrupt_after(0):
         assert main(_argv(model_dir, text_file, out, "--lr", "5e-3")) == 130
     assert main(_argv(model_dir, text_file, out, "--overwrite")) == 0
     assert _weights(out) == _weights(reference)
@@ -146,13 +141,12 @@ def test_overwrite_discards_an_unfinished_run(model_dir: Path, text_file: Path, 
 
 
 def test_resume_refuses_other_data(model_dir: Path, text_file: Path, tmp_path: Path,
-                                   monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+                                   interrupt_after, capsys: pytest.CaptureFixture[str]) -> None:
     """Same flags, but the calibration text changed in between: the windows' fingerprint differs."""
     text = tmp_path / "text.txt"
     text.write_text(text_file.read_text(encoding="utf-8"), encoding="utf-8")
     out = tmp_path / "run"
-    with monkeypatch.context() as patch:
-        patch.setattr(ebft.checkpoint, "_maybe_kill", lambda index: (_ for _ in ()).throw(KeyboardInterrupt))
+    with interrupt_after(0):
         assert main(_argv(model_dir, text, out)) == 130
     text.write_text(text_file.read_text(encoding="utf-8")[::-1], encoding="utf-8")
     capsys.readouterr()
@@ -164,14 +158,12 @@ def test_resume_refuses_other_data(model_dir: Path, text_file: Path, tmp_path: P
 
 @pytest.mark.parametrize("method", ["none", "ebft-mask"])
 def test_resume_other_methods(method: str, model_dir: Path, text_file: Path, tmp_path: Path,
-                              monkeypatch: pytest.MonkeyPatch) -> None:
+                              interrupt_after) -> None:
     """Without tuning, and with a tuner that changes the masks: the saved masks and activations carry over."""
     extra = ("--finetune", method)
     assert main(_argv(model_dir, text_file, tmp_path / "whole", *extra)) == 0
     out = tmp_path / "run"
-    with monkeypatch.context() as patch:
-        patch.setattr(ebft.checkpoint, "_maybe_kill",
-                      lambda index: (_ for _ in ()).throw(KeyboardInterrupt) if index == 1 else None)
+    with interrupt_after(1):
         assert main(_argv(model_dir, text_file, out, *extra)) == 130
     assert main(_argv(model_dir, text_file, out, *extra, "--resume")) == 0
     assert _weights(out) == _weights(tmp_path / "whole")

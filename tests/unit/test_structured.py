@@ -363,18 +363,13 @@ def test_cli_lora_on_the_structured_model(model4: Path, text_file: Path, tmp_pat
 
 
 def test_resume_after_an_interruption_is_bitwise_identical(model4: Path, text_file: Path, ebft_run: Path,
-                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+                                                           tmp_path: Path, interrupt_after) -> None:
     """Stopped right after block 1's checkpoint, then resumed: the finished blocks get the plan's shapes
     back before their saved weights are loaded, and the model is byte for byte the uninterrupted one."""
     out = tmp_path / "run"
     argv = _argv(model4, text_file, out, "--eval", f"text:{text_file}", "--eval-seqlen", "64")
 
-    def stop(index: int) -> None:
-        if index == 1:
-            raise KeyboardInterrupt
-
-    with monkeypatch.context() as patch:
-        patch.setattr(ebft.checkpoint, "_maybe_kill", stop)
+    with interrupt_after(1):
         assert main(argv) == 130
     assert json.loads((work_dir(out) / "run.json").read_text())["done"] == 2
     assert main([*argv, "--resume"]) == 0
