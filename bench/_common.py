@@ -267,7 +267,8 @@ def saved_activation_bytes(block: nn.Module, hidden: torch.Tensor, kwargs: dict[
     """Bytes of the tensors saved for backward by one forward of ``block`` on ``hidden`` (as in training:
     autocast for ``precision``, parameters requiring grad): (activations, autocast weight copies).
     The fp32 parameters themselves and ``exclude`` (the input) are not counted."""
-    from ebft.finetune.base import autocast_context, call_block
+    from ebft.models.blocks import call_block
+    from ebft.precision import autocast_context
 
     params = [p for p in block.parameters() if p.dtype.is_floating_point]
     old = [p.requires_grad for p in params]

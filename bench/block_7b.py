@@ -4,7 +4,7 @@ Builds ``LlamaForCausalLM`` from a ``LlamaConfig`` with Llama-2-7B's block dimen
 intermediate 11008, 32 heads, 32 KV heads, head_dim 128) but one decoder layer and a 256-token
 vocabulary, so that the block is the only large part (random weights). The block's inputs and
 keyword arguments come from ``ebft.capture`` on random token ids; the dense block's outputs are
-the targets (``ebft.finetune.base.run_block``, fp32, as in the pipeline); the block is pruned in place
+the targets (``ebft.models.blocks.run_block``, fp32, as in the pipeline); the block is pruned in place
 (magnitude 50%) and trained with ``ebft.finetune.ebft.EBFT.tune`` for ``--warmup + --steps`` steps.
 
 Measured: time per step (split into forward+backward and optimizer/clip/masks), the fp32 no-grad
@@ -85,9 +85,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from ebft.capture import calibration_context, capture_block_kwargs, capture_first_block_inputs
     from ebft.config import FinetuneConfig
-    from ebft.finetune.base import resolve_precision, run_block
     from ebft.finetune.ebft import EBFT
     from ebft.models import find_blocks
+    from ebft.models.blocks import run_block
+    from ebft.precision import resolve_precision
     from ebft.pruners import make_pruner
 
     state_before = C.machine_state()

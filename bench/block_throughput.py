@@ -132,9 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     from ebft.capture import calibration_context, capture_block_kwargs, capture_first_block_inputs
     from ebft.config import FinetuneConfig
     from ebft.data import calibration_windows
-    from ebft.finetune.base import resolve_precision, run_block
     from ebft.finetune.ebft import EBFT
     from ebft.models import find_blocks, load_model
+    from ebft.models.blocks import run_block
+    from ebft.precision import resolve_precision
     from ebft.pruners import make_pruner
 
     state_before = C.machine_state()

@@ -28,7 +28,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit, machine_state, r, setup_logging  # noqa: E402
-
 from ebft.data import evaluation_tokens  # noqa: E402
 from ebft.models import load_model, prepare_for_saving  # noqa: E402
 

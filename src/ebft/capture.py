@@ -104,19 +104,6 @@ def _to_cpu(value: Any) -> Any:
     return value
 
 
-def move_to(value: Any, device: torch.device | str) -> Any:
-    """Move every tensor inside nested tuples/lists/dicts to ``device``."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple):
-        return tuple(move_to(v, device) for v in value)
-    if isinstance(value, list):
-        return [move_to(v, device) for v in value]
-    if isinstance(value, dict):
-        return {k: move_to(v, device) for k, v in value.items()}
-    return value
-
-
 def capture_block_kwargs(model: nn.Module, blocks: DecoderBlocks, input_ids: torch.Tensor) -> list[dict[str, Any]]:
     """Each block's keyword arguments for one window of ``input_ids`` ([1, seqlen]), on the CPU.
 

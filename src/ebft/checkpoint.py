@@ -26,7 +26,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import shutil
 from collections.abc import Callable, MutableMapping
 from pathlib import Path

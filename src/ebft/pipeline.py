@@ -31,18 +31,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ebft.capture import (
-    ActivationBuffers,
-    calibration_context,
-    capture_block_kwargs,
-    capture_first_block_inputs,
-    move_to,
-)
+from ebft.capture import ActivationBuffers, calibration_context, capture_block_kwargs, capture_first_block_inputs
 from ebft.config import FinetuneConfig, PruneConfig
 from ebft.errors import EbftError
 from ebft.finetune import FINETUNERS
-from ebft.finetune.base import record_inputs, run_block
 from ebft.models.adapter import DecoderBlocks, find_blocks
+from ebft.models.blocks import move_non_block_modules, move_to, record_inputs, run_block
 from ebft.pruners import PRUNERS
 from ebft.sparsity import PackedMasks
 
@@ -241,7 +235,7 @@ def prune_and_finetune(
     nsamples = calib_ids.shape[0]
     n_train = nsamples - holdout_count(nsamples, finetune.holdout_fraction)
 
-    _move_non_block_modules(model, blocks, device)
+    move_non_block_modules(model, blocks, device)
     block_kwargs = capture_block_kwargs(model, blocks, calib_ids[:1])
     reports: list[BlockReport] = []
     masks = PackedMasks()
@@ -294,7 +288,7 @@ def prune_and_finetune(
         buffers.close()
     if dist is not None:
         dist.barrier()  # every process has finished every block
-    _move_non_block_modules(model, blocks, "cpu")
+    move_non_block_modules(model, blocks, "cpu")
     return PruneResult(reports, masks, time.perf_counter() - start)
 
 
@@ -416,16 +410,3 @@ def tune_block(
         holdout_epoch_losses=stopper.losses if stopper is not None else [],
         best_epoch=stopper.best_epoch if stopper is not None else None,
     ), hidden, targets
-
-
-def _move_non_block_modules(model: nn.Module, blocks: DecoderBlocks, device: torch.device | str) -> None:
-    """Move everything except the decoder blocks (embeddings, rotary tables, norm, head)."""
-    block_params = {id(p) for p in blocks.blocks.parameters()}
-    block_buffers = {id(b) for b in blocks.blocks.buffers()}
-    for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
-            if id(param) not in block_params and param.device != torch.device(device):
-                param.data = param.data.to(device)
-        for name, buf in module.named_buffers(recurse=False):
-            if id(buf) not in block_buffers and buf.device != torch.device(device):
-                module._buffers[name] = buf.to(device)

@@ -20,12 +20,12 @@ from ebft.data import calibration_windows, evaluation_tokens, load_documents, pa
 from ebft.errors import EbftError, UsageError
 from ebft.eval import perplexity
 from ebft.export import save_model
-from ebft.fsio import existing_ancestor
 from ebft.finetune import FINETUNERS
-from ebft.finetune.base import resolve_precision
+from ebft.fsio import existing_ancestor
 from ebft.models import SUPPORTED_MODEL_TYPES, find_blocks, load_model
 from ebft.models.loading import load_config
 from ebft.pipeline import check_nm_divisible, holdout_count, prune_and_finetune
+from ebft.precision import resolve_precision
 from ebft.sparsity import mask_stats, weight_sparsity
 
 if TYPE_CHECKING:

@@ -29,21 +29,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ebft.capture import calibration_context, capture_block_kwargs, capture_first_block_inputs, move_to
+from ebft.capture import calibration_context, capture_block_kwargs, capture_first_block_inputs
 from ebft.config import FinetuneConfig, PruneConfig
 from ebft.errors import EbftError, UsageError
 from ebft.finetune import FINETUNERS
-from ebft.finetune.base import record_inputs, run_block
 from ebft.models.adapter import DecoderBlocks, find_blocks
-from ebft.pipeline import (
-    BlockReport,
-    PruneResult,
-    _losses,
-    _move_non_block_modules,
-    _seeded,
-    holdout_count,
-    tune_block,
-)
+from ebft.models.blocks import move_non_block_modules, move_to, record_inputs, run_block
+from ebft.pipeline import BlockReport, PruneResult, _losses, _seeded, holdout_count, tune_block
 from ebft.sparsity import PackedMasks
 from ebft.structured import (
     ChannelStats,
@@ -136,7 +128,7 @@ def structured_prune_and_finetune(
                 plan.heads, plan.layout.num_heads, plan.heads_per_group, plan.kv_heads, plan.layout.num_kv_heads,
                 plan.intermediate, plan.layout.intermediate, plan.achieved, plan.ratio, prune.structured_score)
 
-    _move_non_block_modules(model, blocks, device)
+    move_non_block_modules(model, blocks, device)
     block_kwargs = capture_block_kwargs(model, blocks, calib_ids[:1])
     reports: list[StructuredBlockReport] = []
     first = checkpoint.done if checkpoint is not None else 0
@@ -173,7 +165,7 @@ def structured_prune_and_finetune(
                     f" (held out {report.holdout_init_loss:.5g} -> {report.holdout_final_loss:.5g})")
     if not torch.isfinite(hidden).all():
         raise EbftError("the pruned model produces non-finite activations; try a lower --structured or --lr")
-    _move_non_block_modules(model, blocks, "cpu")
+    move_non_block_modules(model, blocks, "cpu")
     apply_to_config(model.config, plan)
     params_after = sum(p.numel() for p in model.parameters())
     summary = {**plan.to_dict(), "score": prune.structured_score,

@@ -77,10 +77,10 @@ from typing import Any
 import torch
 
 from ebft import plots
-from ebft.fsio import atomic_dir, write_json, write_text
 from ebft.config import CalibConfig, EvalConfig, FinetuneConfig, PruneConfig, RunConfig, parse_nm
 from ebft.data import calibration_windows, evaluation_tokens, parse_source
 from ebft.errors import EbftError, UsageError
+from ebft.fsio import atomic_dir, write_json, write_text
 from ebft.report import Page, fmt, run_plots, sparsity_label
 from ebft.runner import evaluate_all, resolve_device, run_prune, validate_inputs
 

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from ebft.capture import calibration_context, capture_block_kwargs, capture_first_block_inputs
-from ebft.finetune.base import run_block
 from ebft.models import find_blocks
+from ebft.models.blocks import run_block
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "smollm3"]
 

@@ -9,14 +9,15 @@ import pytest
 import torch
 from torch import nn
 
+from ebft import precision as precision_module
 from ebft.capture import capture_block_kwargs, capture_first_block_inputs
 from ebft.config import FinetuneConfig
 from ebft.errors import EbftError
 from ebft.finetune import FINETUNERS
-from ebft.finetune import base as finetune_base
-from ebft.finetune.base import resolve_precision, run_block
 from ebft.finetune.ebft import EBFT
 from ebft.models import find_blocks
+from ebft.models.blocks import run_block
+from ebft.precision import resolve_precision
 from ebft.sparsity import apply_mask_, unstructured_mask
 
 
@@ -302,9 +303,9 @@ def test_resolve_precision(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.device("cpu")
     for explicit in ("fp32", "bf16", "fp16"):
         assert resolve_precision(explicit, cpu) == explicit
-    monkeypatch.setattr(finetune_base, "_cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(precision_module, "_cpu_has_native_bf16", lambda: True)
     assert resolve_precision("auto", cpu) == "bf16"
-    monkeypatch.setattr(finetune_base, "_cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(precision_module, "_cpu_has_native_bf16", lambda: False)
     assert resolve_precision("auto", cpu) == "fp32"
     assert resolve_precision("auto", torch.device("mps")) == "fp32"
     monkeypatch.undo()

@@ -14,7 +14,6 @@ from ebft.errors import EbftError
 from ebft.models import SUPPORTED_MODEL_TYPES, find_blocks
 from ebft.models.loading import ALIASES, load_config, resolve_model
 
-
 PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 

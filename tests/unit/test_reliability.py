@@ -16,7 +16,6 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-import ebft.checkpoint
 from ebft.checkpoint import work_dir
 from ebft.cli import main
 from ebft.config import CalibConfig, EvalConfig, FinetuneConfig, PruneConfig, RunConfig

@@ -11,13 +11,12 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-import ebft.checkpoint
 from ebft.checkpoint import work_dir
 from ebft.cli import main
 from ebft.config import FinetuneConfig, PruneConfig
 from ebft.errors import EbftError, UsageError
-from ebft.finetune.base import call_block
 from ebft.models import find_blocks
+from ebft.models.blocks import call_block
 from ebft.structured import (
     BlockLayout,
     ChannelStats,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,88 +133,3 @@ def loss_lowered(init_loss: float, final_loss: float) -> bool:
     return math.isfinite(final_loss) and final_loss < init_loss * (1 - 1e-6)
 
 
-@contextlib.contextmanager
-def record_inputs(modules: Mapping[str, nn.Module], sink: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
-    """Within the block, ``sink(name, x)`` gets every forward input ``x`` of ``modules[name]`` (detached).
-
-    The activation statistics of pruners, DSnoT and structured pruning all come through here; the
-    hooks are always removed on exit.
-    """
-    handles = []
-    for name, module in modules.items():
-        def hook(mod: nn.Module, args: tuple, _name: str = name) -> None:
-            sink(_name, args[0].detach())
-
-        handles.append(module.register_forward_pre_hook(hook))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def block_device(block: nn.Module) -> torch.device:
-    return next(block.parameters()).device
-
-
-def call_block(block: nn.Module, hidden: torch.Tensor, block_kwargs: dict[str, Any]) -> torch.Tensor:
-    out = block(hidden, **block_kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-@torch.no_grad()
-def run_block(
-    block: nn.Module,
-    inputs: torch.Tensor,
-    block_kwargs: dict[str, Any],
-    batch_size: int,
-    out: torch.Tensor | None = None,
-    targets: torch.Tensor | None = None,
-) -> float | None:
-    """Run ``block`` over all of ``inputs`` in batches, writing to ``out``.
-
-    Returns the mean squared error against ``targets`` when given. Batches are independent and
-    each batch is compared before it is written, so ``out`` may be ``inputs`` or ``targets``.
-    """
-    device = block_device(block)
-    sq_sum = 0.0
-    count = 0
-    for start in range(0, inputs.shape[0], batch_size):
-        x = inputs[start : start + batch_size].to(device)
-        y = call_block(block, x, block_kwargs).float()
-        if targets is not None:
-            t = targets[start : start + batch_size].to(device)
-            sq_sum += float((y - t).double().pow(2).sum())
-            count += y.numel()
-        if out is not None:
-            out[start : start + batch_size] = y.to(out.device, out.dtype)
-    return sq_sum / count if targets is not None else None
-
-
-def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Autocast for ``bf16``/``fp16``; a no-op for ``fp32``."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` picks bf16 where the hardware runs it natively, fp32 elsewhere."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cpu":
-        return "bf16" if _cpu_has_native_bf16() else "fp32"
-    return "fp32"
-
-
-def _cpu_has_native_bf16() -> bool:
-    """True on CPUs with bf16 dot-product instructions (AVX512-BF16 or AMX), where bf16 is fast."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags

@@ -43,13 +43,12 @@ from ebft.finetune.base import (
     BlockFinetuner,
     BlockResult,
     loss_lowered,
-    record_inputs,
     register_finetuner,
     restore_masked,
-    run_block,
     save_masked,
     set_mask_,
 )
+from ebft.models.blocks import record_inputs, run_block
 
 logger = logging.getLogger(__name__)
 

@@ -16,15 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ebft.finetune.base import (
-    BlockFinetuner,
-    BlockResult,
-    block_device,
-    compiled_forward,
-    register_finetuner,
-    resolve_precision,
-)
+from ebft.finetune.base import BlockFinetuner, BlockResult, compiled_forward, register_finetuner
 from ebft.finetune.loop import block_mse_loss, train_steps
+from ebft.models.blocks import block_device
+from ebft.precision import resolve_precision
 
 logger = logging.getLogger(__name__)
 

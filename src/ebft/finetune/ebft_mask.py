@@ -50,17 +50,16 @@ from ebft.errors import EbftError
 from ebft.finetune.base import (
     BlockFinetuner,
     BlockResult,
-    block_device,
     loss_lowered,
     register_finetuner,
-    resolve_precision,
     restore_masked,
-    run_block,
     save_masked,
     set_mask_,
 )
 from ebft.finetune.dsnot import detect_nm
 from ebft.finetune.loop import block_mse_loss, train_steps
+from ebft.models.blocks import block_device, run_block
+from ebft.precision import resolve_precision
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ebft.finetune.base import autocast_context, call_block
+from ebft.models.blocks import call_block
+from ebft.precision import autocast_context
 
 if TYPE_CHECKING:
     from ebft.distributed import DistContext

@@ -28,9 +28,9 @@ from torch import nn
 
 from ebft.config import FinetuneConfig
 from ebft.errors import EbftError, UsageError
-from ebft.finetune.base import autocast_context, resolve_precision
 from ebft.finetune.loop import train_steps
 from ebft.models.adapter import find_blocks
+from ebft.precision import autocast_context, resolve_precision
 
 logger = logging.getLogger(__name__)
 
