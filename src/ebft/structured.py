@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from ebft.errors import EbftError, UsageError
+from ebft.sparsity import keep_top
 
 #: Families whose blocks have self_attn.{q,k,v,o}_proj and mlp.{gate,up,down}_proj, tested end to end.
 STRUCTURED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
@@ -267,8 +268,7 @@ def head_scores(scores: Tensor, num_heads: int) -> Tensor:
 
 def _top(scores: Tensor, k: int) -> list[int]:
     """Indices of the ``k`` highest scores in ascending index order (ties keep the lower index)."""
-    order = torch.sort(scores, descending=True, stable=True).indices[:k]
-    return sorted(order.tolist())
+    return keep_top(scores, k, ties="earlier").nonzero().flatten().tolist()
 
 
 def select_heads(scores: Tensor, num_kv_heads: int, kv_keep: int, per_group_keep: int) -> tuple[list[int], list[int]]:

@@ -8,12 +8,13 @@ from torch import nn
 
 from ebft.config import FinetuneConfig, PruneConfig
 from ebft.finetune import FINETUNERS
-from ebft.finetune.dsnot import DSnoT, FeatureStats, detect_nm, dsnot_mask, expected_error
+from ebft.finetune.dsnot import DSnoT, FeatureStats, dsnot_mask, expected_error
 from ebft.models import find_blocks
 from ebft.models.blocks import run_block
 from ebft.pipeline import prune_and_finetune
 from ebft.pruners import wanda_scores
 from ebft.sparsity import check_nm, mask_stats, nm_mask, unstructured_mask
+from ebft.sparsity.patterns import detect_nm
 
 CPU = torch.device("cpu")
 

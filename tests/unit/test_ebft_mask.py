@@ -13,11 +13,12 @@ from torch.nn.utils import parametrize
 from ebft.capture import capture_block_kwargs, capture_first_block_inputs
 from ebft.config import FinetuneConfig, PruneConfig
 from ebft.finetune import FINETUNERS
-from ebft.finetune.ebft_mask import EBFTMask, MaskStructure, detect_structure, init_scores, masked_weights, topk_mask
+from ebft.finetune.ebft_mask import EBFTMask, init_scores, masked_weights
 from ebft.models import find_blocks
 from ebft.models.blocks import run_block
 from ebft.pipeline import prune_and_finetune
 from ebft.sparsity import check_nm, mask_stats, nm_mask, unstructured_mask
+from ebft.sparsity.patterns import MaskStructure, detect_structure, topk_mask
 
 CPU = torch.device("cpu")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from ebft.sparsity import (
     PackedMasks,
     apply_mask_,
     check_nm,
+    keep_top,
     mask_stats,
     nm_mask,
     num_pruned,
@@ -344,3 +347,38 @@ def test_packed_masks_behave_as_a_dict_in_an_eighth_of_the_memory() -> None:
     big = torch.rand(256, 512) < 0.5
     store["big"] = big
     assert store.nbytes() * 8 == big.numel() * big.element_size() + 32
+
+
+def _reference_keep_top(scores: torch.Tensor, k: int, ties: str) -> torch.Tensor:
+    """A stable sort along the last dimension: the straightforward definition of keep_top."""
+    s = torch.nan_to_num(scores.double(), nan=math.inf)
+    keep = torch.zeros(s.shape, dtype=torch.bool)
+    if ties == "later":  # ascending stable: among equals the lower index comes first and is dropped first
+        order = torch.sort(s, dim=-1, stable=True).indices[..., s.shape[-1] - k:]
+    else:  # descending stable: among equals the lower index comes first and is kept
+        order = torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :k]
+    return keep.scatter_(-1, order, True)
+
+
+@pytest.mark.parametrize("ties", ["later", "earlier"])
+def test_keep_top_matches_a_stable_sort(ties: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        cols = 1 + trial % 9
+        scores = torch.randint(0, 4, (5, cols), generator=g).float()  # many ties
+        scores[0, 0] = float("nan")
+        for k in range(cols + 1):
+            got = keep_top(scores, k, dim=1, ties=ties)
+            assert torch.equal(got, _reference_keep_top(scores, k, ties)), (trial, k)
+            assert (got.sum(1) == k).all()
+
+
+def test_keep_top_by_hand() -> None:
+    s = torch.tensor([3.0, 1.0, 1.0, 2.0, 1.0])
+    assert keep_top(s, 2).tolist() == [True, False, False, True, False]
+    assert keep_top(s, 3).tolist() == [True, False, False, True, True]  # the later 1.0 stays
+    assert keep_top(s, 3, ties="earlier").tolist() == [True, True, False, True, False]  # the earlier 1.0 stays
+    assert keep_top(torch.tensor([0.0, float("nan")]), 1).tolist() == [False, True]  # NaN ranks highest
+    assert keep_top(s, 0).tolist() == [False] * 5 and keep_top(s, 9).tolist() == [True] * 5
+    wide = torch.tensor([1.0, 1.0 + 2**-40], dtype=torch.float64)  # equal in float32, not in float64
+    assert keep_top(wide, 1).tolist() == [False, True]

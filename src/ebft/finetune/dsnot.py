@@ -25,7 +25,7 @@ already pruned block over its calibration inputs (all of its linears at once, ea
 pruned layers before it), not from the dense pass; the pruning candidate is restricted by the
 improvement test above instead of the paper's sign rule, and a row whose best growing
 candidate has no improving partner stops. N:M structure is not passed to fine-tuners, so it is
-detected from each mask (see :func:`detect_nm`).
+detected from each mask (see :func:`ebft.sparsity.patterns.detect_nm`).
 """
 
 from __future__ import annotations
@@ -49,10 +49,11 @@ from ebft.finetune.base import (
     set_mask_,
 )
 from ebft.models.blocks import record_inputs, run_block
+from ebft.sparsity.patterns import detect_nm
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DSnoT", "FeatureStats", "detect_nm", "dsnot_mask", "expected_error"]
+__all__ = ["DSnoT", "FeatureStats", "dsnot_mask", "expected_error"]
 
 _VAR_EPS = 1e-12
 
@@ -96,24 +97,6 @@ def expected_error(dense: Tensor, keep: Tensor, mean: Tensor) -> Tensor:
     """e_r = sum_j (1 - M_rj) W_rj mu_j for every row, float64 [out]."""
     contrib = dense.detach().to(torch.float64) * mean.to(device=dense.device, dtype=torch.float64).unsqueeze(0)
     return torch.where(keep.to(dense.device), torch.zeros_like(contrib), contrib).sum(1)
-
-
-def detect_nm(keep: Tensor) -> tuple[int, int] | None:
-    """The smallest M (2, 4, 8, ..., 128 dividing the width) at which every group keeps the same N < M.
-
-    An N:M mask made by a pruner is found; an unstructured mask practically never is (and if it
-    were, swaps would merely be confined to groups, which keeps per-row counts as well).
-    """
-    rows, cols = keep.shape
-    m = 2
-    while m <= min(cols, 128):
-        if cols % m == 0:
-            counts = keep.reshape(rows, cols // m, m).sum(2)
-            n = int(counts.reshape(-1)[0]) if counts.numel() else m
-            if n < m and bool((counts == n).all()):
-                return n, m
-        m *= 2
-    return None
 
 
 @torch.no_grad()

@@ -39,7 +39,6 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -56,71 +55,16 @@ from ebft.finetune.base import (
     save_masked,
     set_mask_,
 )
-from ebft.finetune.dsnot import detect_nm
 from ebft.finetune.loop import block_mse_loss, train_steps
 from ebft.models.blocks import block_device, run_block
 from ebft.precision import resolve_precision
+from ebft.sparsity.patterns import MaskStructure, detect_structure, topk_mask
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "EBFTMask",
-    "MaskStructure",
-    "detect_structure",
-    "init_scores",
-    "masked_weights",
-    "ste_mask",
-    "topk_mask",
-]
+__all__ = ["EBFTMask", "init_scores", "masked_weights", "ste_mask"]
 
 TIE_BREAK = 0.5  # |W| tie-break span of the initial scores, as a fraction of the margin
-
-
-@dataclass(frozen=True)
-class MaskStructure:
-    """What a learned mask must preserve: ``kind`` "nm" (n per group of m), "row" (n per row) or "layer" (n in all)."""
-
-    kind: str
-    n: int
-    m: int = 0
-
-
-def detect_structure(keep: Tensor) -> MaskStructure:
-    """The structure of a bool keep-mask [out, in]: N:M (:func:`detect_nm`), else per-row, else per-layer count."""
-    if keep.dim() != 2:
-        raise ValueError(f"a keep-mask must be 2-D [out, in]; got shape {tuple(keep.shape)}")
-    nm = detect_nm(keep)
-    if nm is not None and nm[1] < keep.shape[1]:  # a group as wide as the row is a row count
-        return MaskStructure("nm", nm[0], nm[1])
-    counts = keep.sum(1)
-    if counts.numel() and bool((counts == counts[0]).all()):
-        return MaskStructure("row", int(counts[0]))
-    return MaskStructure("layer", int(keep.sum()))
-
-
-def _keep_top(scores: Tensor, k: int) -> Tensor:
-    """Bool mask keeping the ``k`` highest of ``scores`` along its last dimension."""
-    size = scores.shape[-1]
-    if k >= size:
-        return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
-    keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    if k > 0:
-        keep.scatter_(-1, scores.topk(k, dim=-1, sorted=False).indices, True)
-    return keep
-
-
-@torch.no_grad()
-def topk_mask(scores: Tensor, structure: MaskStructure) -> Tensor:
-    """The hard keep-mask of ``scores`` [out, in] under ``structure``: exact counts (NaN scores rank highest)."""
-    s = torch.nan_to_num(scores.detach().float(), nan=math.inf)
-    rows, cols = s.shape
-    if structure.kind == "nm":
-        return _keep_top(s.reshape(rows, cols // structure.m, structure.m), structure.n).reshape(rows, cols)
-    if structure.kind == "row":
-        return _keep_top(s, structure.n)
-    if structure.kind == "layer":
-        return _keep_top(s.reshape(-1), structure.n).reshape(rows, cols)
-    raise ValueError(f"unknown mask structure {structure.kind!r}")
 
 
 def init_scores(keep: Tensor, dense: Tensor, margin: float) -> Tensor:

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ebft.errors import EbftError
 from ebft.pruners.base import Pruner, register_pruner
-from ebft.sparsity import num_pruned
+from ebft.sparsity import keep_top, num_pruned
 
 logger = logging.getLogger(__name__)
 
@@ -59,25 +59,6 @@ def block_prune_counts(rows: int, cols: int, sparsity: float, blocksize: int) ->
     """
     bounds = list(range(0, cols, blocksize)) + [cols]
     return [num_pruned(rows * c1, sparsity) - num_pruned(rows * c0, sparsity) for c0, c1 in zip(bounds, bounds[1:])]
-
-
-def _lowest_flat(scores: Tensor, k: int) -> Tensor:
-    """Keep-mask pruning the ``k`` lowest of ``scores`` (any shape); ties go lower flat index first."""
-    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k > 0:
-        order = torch.sort(scores.reshape(-1), stable=True).indices
-        keep[order[:k]] = False
-    return keep.reshape(scores.shape)
-
-
-def _nm_group_keep(scores: Tensor, n: int) -> Tensor:
-    """Keep-mask keeping the ``n`` highest of each row of ``scores`` [rows, m]; ties prune lower index first."""
-    keep = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
-    m = scores.shape[1]
-    if n < m:
-        order = torch.sort(scores, dim=1, stable=True).indices
-        keep.scatter_(1, order[:, : m - n], False)
-    return keep
 
 
 def _scores(w: Tensor, d: Tensor) -> Tensor:
@@ -138,12 +119,12 @@ def sparsegpt_prune(
         d1 = torch.diagonal(h1)
         err1 = torch.zeros_like(w1)
         if nm is None:
-            keep1 = _lowest_flat(_scores(w1, d1), counts[b])
+            keep1 = keep_top(_scores(w1, d1).reshape(-1), w1.numel() - counts[b]).reshape(w1.shape)
         else:
             keep1 = torch.ones_like(w1, dtype=torch.bool)
         for i in range(c1 - c0):
             if nm is not None and i % m == 0:
-                keep1[:, i : i + m] = _nm_group_keep(_scores(w1[:, i : i + m], d1[i : i + m]), n)
+                keep1[:, i : i + m] = keep_top(_scores(w1[:, i : i + m], d1[i : i + m]), n, dim=1)
             col = w1[:, i]
             q = torch.where(keep1[:, i], col, torch.zeros_like(col))
             e = (col - q) / d1[i]

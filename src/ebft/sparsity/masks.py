@@ -21,6 +21,7 @@ __all__ = [
     "PackedMasks",
     "apply_mask_",
     "check_nm",
+    "keep_top",
     "mask_stats",
     "nm_mask",
     "num_pruned",
@@ -46,15 +47,30 @@ def num_pruned(count: int, sparsity: float) -> int:
     return min(count, int(math.floor(count * sparsity + 1e-9)))
 
 
-def _prune_lowest(s: Tensor, k: int, dim: int) -> Tensor:
-    """Keep-mask pruning the ``k`` (>= 1) lowest of ``s`` along ``dim``; ties go lower index first.
+def keep_top(scores: Tensor, k: int, dim: int = -1, *, ties: str = "later") -> Tensor:
+    """Bool mask keeping the ``k`` highest ``scores`` along ``dim``: every top-k selection in ebft.
 
-    Same result as a stable ascending sort, in linear time: everything below the k-th smallest
-    value is pruned, plus as many entries equal to it as are still needed, in index order.
+    Scores are compared in float32 (float64 ones as they are); NaN ranks above everything. Among equal scores at the boundary, ``ties="later"`` keeps the
+    entries with the higher index (so the lower index is pruned first, the rule of every mask in
+    this module, as a stable ascending sort gives), ``ties="earlier"`` those with the lower index.
+    Linear time: everything below the boundary value is dropped, plus as many entries equal to it
+    as are still needed, in index order.
     """
-    thr = s.kthvalue(k, dim=dim, keepdim=True).values
+    if ties not in ("later", "earlier"):
+        raise ValueError(f"ties must be 'later' or 'earlier'; got {ties!r}")
+    s = scores.detach()
+    s = torch.nan_to_num(s if s.dtype == torch.float64 else s.to(torch.float32), nan=math.inf)
+    size = s.shape[dim] if s.dim() else 1
+    drop = size - k
+    if drop <= 0:
+        return torch.ones(s.shape, dtype=torch.bool, device=s.device)
+    if k <= 0:
+        return torch.zeros(s.shape, dtype=torch.bool, device=s.device)
+    if ties == "earlier":  # reversed along dim, "later" is "earlier"
+        return keep_top(s.flip(dim), k, dim, ties="later").flip(dim)
+    thr = s.kthvalue(drop, dim=dim, keepdim=True).values
     below = s < thr
-    need = k - below.sum(dim=dim, keepdim=True)
+    need = drop - below.sum(dim=dim, keepdim=True)
     at = s == thr
     return ~(below | (at & (at.cumsum(dim=dim) <= need)))
 
@@ -67,13 +83,14 @@ def unstructured_mask(scores: Tensor, sparsity: float, per_row: bool) -> Tensor:
     entries over the whole matrix (layer-wise, as in magnitude pruning). NaN scores rank highest.
     """
     _check_2d(scores, "scores")
-    s = torch.nan_to_num(scores.detach().to(torch.float32), nan=math.inf)
-    k = num_pruned(s.shape[1] if per_row else s.numel(), sparsity)
-    if k == 0 or s.numel() == 0:
+    s = scores.detach().to(torch.float32)
+    size = s.shape[1] if per_row else s.numel()
+    if size == 0:
         return torch.ones(s.shape, dtype=torch.bool, device=s.device)
+    keep = size - num_pruned(size, sparsity)
     if per_row:
-        return _prune_lowest(s, k, dim=1)
-    return _prune_lowest(s.reshape(-1), k, dim=0).reshape(s.shape)
+        return keep_top(s, keep, dim=1)
+    return keep_top(s.reshape(-1), keep, dim=0).reshape(s.shape)
 
 
 def nm_mask(scores: Tensor, n: int, m: int, *, name: str | None = None) -> Tensor:
@@ -92,13 +109,8 @@ def nm_mask(scores: Tensor, n: int, m: int, *, name: str | None = None) -> Tenso
             f"--nm {n}:{m} needs every pruned layer's input width divisible by {m}; "
             f"{layer} has {in_features} inputs"
         )
-    s = torch.nan_to_num(scores.detach().to(torch.float32), nan=math.inf)
-    s = s.reshape(out_features, in_features // m, m)  # [out, groups, m]: group g holds columns g*m .. g*m+m-1
-    mask = torch.ones(s.shape, dtype=torch.bool, device=s.device)
-    if n < m:
-        order = torch.sort(s, dim=2, stable=True).indices  # ascending within each group
-        mask.scatter_(2, order[..., : m - n], False)
-    return mask.reshape(out_features, in_features)
+    s = scores.detach().to(torch.float32).reshape(out_features, in_features // m, m)  # group g: columns g*m ..
+    return keep_top(s, n, dim=2).reshape(out_features, in_features)
 
 
 def apply_mask_(weight: Tensor, mask: Tensor) -> Tensor:
