@@ -16,7 +16,7 @@ Every file is written to a temporary name, fsynced and renamed into place. After
 block file and the hidden file are written first and ``run.json`` last: a crash before that rename
 leaves the previous commit intact, and files it does not name are ignored (and cleaned up later).
 
-RNG: the pipeline seeds every block from ``(seed, index)`` (tuners their own generators, anything
+RNG: the walk seeds every block from ``(seed, index)`` (tuners their own generators, anything
 else through a forked global generator), so no RNG state has to be carried between blocks.
 """
 
@@ -37,15 +37,13 @@ from torch import nn
 
 from ebft.errors import EbftError, UsageError
 from ebft.fsio import atomic_write, check_out_path, fsync_path, fsync_tree, replace_dir, write_json
+from ebft.results import BlockReport
+from ebft.settings import config_diff
+from ebft.walk import BlockWalk, Callback
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 1
-
-#: Config fields that do not change the pruned model and may differ on --resume.
-IGNORED_FIELDS = ("out", "eval", "eval_dense", "data_dir", "offload")
-_FLAG_NAMES = {"calib.source": "--calib", "finetune.method": "--finetune", "model": "MODEL"}
-
+FORMAT = 2  # 2: method options under config.finetune.options / config.prune.options
 
 # ----------------------------------------------------------------------------- pure helpers
 
@@ -54,47 +52,6 @@ def work_dir(out: Path) -> Path:
     """The pid-independent work folder of ``--out out``: a hidden sibling, on the same file system."""
     out = Path(out)
     return out.parent / f".{out.name}.partial"
-
-
-def flag_name(path: str) -> str:
-    """``finetune.batch_size`` -> ``--batch-size``: the CLI flag that sets a config field."""
-    if path in _FLAG_NAMES:
-        return _FLAG_NAMES[path]
-    return "--" + path.rsplit(".", 1)[-1].replace("_", "-")
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, path + "."))
-        else:
-            flat[path] = value
-    return flat
-
-
-def config_diff(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
-    """The first field that differs between two ``RunConfig.to_dict()``s, as a phrase; ``None`` if equal.
-
-    Fields that do not change the pruned model (``IGNORED_FIELDS``) are not compared.
-    """
-    def keep(path: str) -> bool:
-        return path.split(".", 1)[0] not in IGNORED_FIELDS
-
-    old = {k: v for k, v in _flatten(saved).items() if keep(k)}
-    new = {k: v for k, v in _flatten(current).items() if keep(k)}
-    for path in sorted(old.keys() | new.keys()):
-        if old.get(path, "<unset>") != new.get(path, "<unset>"):
-            return f"{flag_name(path)} was {_show(path, old.get(path, '<unset>'))}, now {_show(path, new.get(path, '<unset>'))}"
-    return None
-
-
-def _show(path: str, value: Any) -> str:
-    """A config value as the user would type it: N:M for ``--nm``, repr otherwise."""
-    if path.endswith(".nm"):
-        return "none" if value is None else f"{value[0]}:{value[1]}"
-    return repr(value)
 
 
 def fingerprint(calib_ids: torch.Tensor) -> str:
@@ -165,8 +122,12 @@ def _read_state(work: Path) -> dict[str, Any] | None:
         state = json.loads((work / "run.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(state, dict) or state.get("format") != FORMAT or not isinstance(state.get("config"), dict):
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
         return None
+    if state.get("format") != FORMAT:
+        raise UsageError(f"--resume: the unfinished run in {work} was written by another version of ebft "
+                         f"(checkpoint format {state.get('format')!r}, this one writes {FORMAT}); pass --overwrite "
+                         "to start over")
     return state
 
 
@@ -368,3 +329,30 @@ def publish(out: Path) -> None:
     work = work_dir(Path(out))
     replace_dir(work / "final", Path(out))
     shutil.rmtree(work, ignore_errors=True)
+
+
+class CheckpointCallback(Callback):
+    """The walk's side of a checkpoint: resumes after the finished blocks, commits every new one.
+
+    Under torchrun every process resumes from the folder, and only rank 0 commits.
+    """
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        self.checkpoint = checkpoint
+
+    def on_walk_start(self, walk: BlockWalk) -> None:
+        done = self.checkpoint.done
+        if not done:
+            return
+        blocks = walk.blocks
+        for index in range(min(done, len(blocks))):  # load_blocks refuses a checkpoint with more blocks
+            walk.compressor.reshape(blocks.blocks[index], index)
+        self.checkpoint.load_blocks(list(blocks.blocks), [blocks.block_name(i) + "." for i in range(done)], walk.masks)
+        walk.resume(done, [BlockReport.from_dict(r) for r in self.checkpoint.reports], self.checkpoint.load_hidden())
+
+    def on_block_end(self, walk: BlockWalk, index: int, report: BlockReport) -> None:
+        if not walk.is_main:
+            return
+        prefix = walk.blocks.block_name(index) + "."
+        masks = {name: walk.masks[name] for name in walk.masks if name.startswith(prefix)}
+        self.checkpoint.save_block(index, walk.blocks.blocks[index], masks, walk.hidden, report.to_dict())

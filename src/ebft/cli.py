@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from ebft.config import LORA_TARGETS, CalibConfig, EvalConfig, FinetuneConfig, PruneConfig, RunConfig, parse_nm
+from ebft.config import EvalConfig, RunConfig
 from ebft.errors import EbftError, UsageError
 
 logger = logging.getLogger("ebft")
@@ -26,16 +26,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda or mps")
-    p.add_argument("--data-dir", type=Path, default=None,
-                   help="local data mirror (wikitext2/, c4/ like the project's shared data); default $EBFT_DATA_DIR, "
-                        "else the Hugging Face hub")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
-    p.add_argument("--quiet", action="store_true", help="only warnings and the final results")
+    """--device and --data-dir (the run settings' own flags), and the output flags."""
+    from ebft.settings import add_flags, all_settings
+
+    settings = all_settings()
+    add_flags(p, [settings["device"], settings["data_dir"]], with_defaults=True)
+    _output_flags(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ebft.settings import add_flags, all_settings
+
     parser = _Parser(prog="ebft", description="Prune a causal LM and repair it with block-wise fine-tuning (EBFT).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -45,59 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it already holds something")
     p.add_argument("--resume", action="store_true",
                    help="continue the unfinished run of --out (same flags) from its last finished block")
-    p.add_argument("--pruner", default=None, help="magnitude, wanda or sparsegpt (default wanda)")
-    p.add_argument("--sparsity", type=float, default=None, help="fraction of weights removed, in [0, 1) (default 0.5)")
-    p.add_argument("--nm", default=None, help="N:M semi-structured sparsity instead of --sparsity, e.g. 2:4 or 4:8")
-    p.add_argument("--structured", type=float, default=None, metavar="RATIO",
-                   help="instead of --sparsity/--nm: remove this fraction of the blocks' parameters as whole attention "
-                        "heads and MLP channels, giving smaller matrices (e.g. 0.25)")
-    p.add_argument("--structured-score", default=None,
-                   help="--structured importance: fluctuation (FLAP: input variance x weight column norm, default) "
-                        "or magnitude")
-    p.add_argument("--percdamp", type=float, default=None,
-                   help="sparsegpt: Hessian dampening, a fraction of its mean diagonal (default 0.01)")
-    p.add_argument("--finetune", default="ebft",
-                   help="none, ebft, ebft-mask (mask tuning), dsnot (training-free mask refinement), or lora: the baseline that "
-                        "fine-tunes the whole pruned model with LoRA, then merges and re-masks it (default ebft)")
-    p.add_argument("--calib", default="c4", help="calibration source: c4, wikitext2, pydoc, text:PATH, jsonl:PATH")
-    p.add_argument("--nsamples", type=int, default=256, help="calibration windows (default 256)")
-    p.add_argument("--seqlen", type=int, default=1024, help="tokens per calibration window (default 1024)")
-    p.add_argument("--epochs", type=int, default=10,
-                   help="EBFT epochs per block; for lora, passes over the whole calibration set (default 10)")
-    p.add_argument("--lr", type=float, default=2e-4,
-                   help="peak learning rate, linearly decayed (default 2e-4; for lora about 1e-4 to 3e-4)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per optimizer step (default 8)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip, 0 disables (default 1.0)")
-    p.add_argument("--precision", default="auto", help="training precision: auto, fp32, bf16, fp16 (default auto)")
-    p.add_argument("--holdout-fraction", type=float, default=0.125,
-                   help="calibration windows held out of block tuning; a block that tuning makes worse on them gets "
-                        "its untuned weights back (default 0.125, 0 disables)")
-    p.add_argument("--patience", type=int, default=None,
-                   help="stop a block's tuning after this many epochs without held-out improvement, keeping the "
-                        "best epoch (default: off)")
-    p.add_argument("--compile", action="store_true",
-                   help="ebft: torch.compile each block's training step (fuses norms, activations and casts; the "
-                        "first block pays a compile of some seconds, the others reuse it)")
-    p.add_argument("--lora-rank", type=int, default=8, help="lora: adapter rank (default 8)")
-    p.add_argument("--lora-alpha", type=float, default=16.0, help="lora: adapter scale numerator, alpha/rank (default 16)")
-    p.add_argument("--lora-dropout", type=float, default=0.0, help="lora: dropout on the adapters' inputs (default 0)")
-    p.add_argument("--lora-targets", default=",".join(LORA_TARGETS),
-                   help="lora: comma-separated decoder-block linear layers that get adapters (default: all of them)")
-    p.add_argument("--dsnot-cycles", type=int, default=None,
-                   help="dsnot: most prune-and-grow swaps per output row (default 50)")
-    p.add_argument("--dsnot-threshold", type=float, default=None,
-                   help="dsnot: a row stops swapping once |its expected output error| is below this (default 0.1)")
-    p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and training order")
-    p.add_argument("--eval", action="append", default=[], metavar="SOURCE",
-                   help="evaluate perplexity on SOURCE after pruning (repeatable), e.g. wikitext2")
-    p.add_argument("--eval-seqlen", type=int, default=1024, help="tokens per evaluation window (default 1024)")
-    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
-    p.add_argument("--eval-dense", action="store_true", help="also evaluate the model before pruning")
-    p.add_argument("--offload", default="none",
-                   help="calibration activations: none or cpu (in RAM, default) or disk (memory-mapped files in the "
-                        "run's work folder, removed at the end)")
-    _common(p)
+    add_flags(p, all_settings().values())  # every run setting, methods' options included (docs/settings.md)
+    _output_flags(p)
 
     e = sub.add_parser("eval", help="perplexity on a data source and/or zero-shot accuracy on lm-eval tasks")
     e.add_argument("model", help="hub id, local folder (e.g. RUN/model), .gguf file, or smollm2-135m")
@@ -144,51 +94,19 @@ def _output_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="only warnings and the final results")
 
 
-def _structured_flags(args: argparse.Namespace) -> dict:
-    """PruneConfig's --structured fields, refusing the flags that do not combine with them."""
-    if args.structured is None:
-        if args.structured_score is not None:
-            raise UsageError("--structured-score needs --structured RATIO")
-        return {}
-    if args.sparsity is not None or args.nm is not None:
-        raise UsageError("--structured removes whole heads and channels; it does not combine with --sparsity or --nm")
-    if args.pruner is not None:
-        raise UsageError("--structured chooses heads and channels by --structured-score, not --pruner; drop --pruner")
-    return {"structured": args.structured, "structured_score": args.structured_score or "fluctuation"}
-
-
 def _run_config(args: argparse.Namespace) -> RunConfig:
-    return RunConfig(
-        model=args.model,
-        out=args.out,
-        prune=PruneConfig(pruner=args.pruner or "wanda", sparsity=0.5 if args.sparsity is None else args.sparsity,
-                          nm=parse_nm(args.nm), percdamp=args.percdamp, **_structured_flags(args)),
-        calib=CalibConfig(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed),
-        finetune=FinetuneConfig(
-            method=args.finetune, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-            weight_decay=args.weight_decay, grad_clip=args.grad_clip, precision=args.precision,
-            holdout_fraction=args.holdout_fraction, patience=args.patience, compile=args.compile,
-            lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-            lora_targets=args.lora_targets, dsnot_cycles=args.dsnot_cycles, dsnot_threshold=args.dsnot_threshold,
-        ),
-        eval=EvalConfig(sources=list(args.eval), seqlen=args.eval_seqlen, max_windows=args.max_windows),
-        device=args.device,
-        data_dir=args.data_dir,
-        eval_dense=args.eval_dense,
-        offload=args.offload,
-    )
+    """The run the flags describe: every given flag, every other setting at its default."""
+    from ebft.settings import all_settings, build_run_config, given_values
+
+    return build_run_config(given_values(args, all_settings().values()), model=args.model, out=args.out)
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
+    from ebft.finetune import ModelResult
     from ebft.runner import run_prune
 
     cfg = _run_config(args)
-    if cfg.prune.structured is not None:
-        from ebft.distributed import torchrun_world
-
-        if torchrun_world() is not None:  # before joining: the other processes must not wait for this one
-            raise UsageError("--structured runs in one process; run it without torchrun")
-    dist = _join_torchrun(args.device)
+    dist = _join_torchrun(cfg.device)
     try:
         report = run_prune(cfg, overwrite=args.overwrite, resume=args.resume, dist=dist)
     finally:
@@ -196,36 +114,31 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             dist.close()
     if dist is not None and not dist.is_main:
         return 0  # rank 0 prints the results
-    blocks = report["blocks"]
-    improved = sum(1 for b in blocks if b["final_loss"] < b["init_loss"])
-    if "structured" in report:
-        st = report["structured"]
-        print(f"removed {st['achieved']:.2%} of {report['model']['source']}'s block parameters (asked "
+    if report.structured is not None:
+        st = report.structured
+        print(f"removed {st['achieved']:.2%} of {report.model['source']}'s block parameters (asked "
               f"{st['requested']:.2%}): heads {st['heads'][0]} -> {st['heads'][1]}, key/value heads "
               f"{st['kv_heads'][0]} -> {st['kv_heads'][1]}, MLP channels {st['intermediate'][0]} -> "
               f"{st['intermediate'][1]}; {st['parameters_before']:,} -> {st['parameters_after']:,} parameters "
               f"(score {st['score']}, finetune {cfg.finetune.method})")
     else:
-        print(f"pruned {report['model']['source']} to {report['sparsity']['overall']:.2%} sparsity "
+        print(f"pruned {report.model['source']} to {report.sparsity['overall']:.2%} sparsity "
               f"({cfg.prune.pruner}, {cfg.prune.label}, finetune {cfg.finetune.method})")
-    if "lora" in report:
-        lora = report["lora"]
-        print(f"lora: {lora['trainable_parameters']} trainable parameters, {lora['steps']} steps, causal-LM loss "
-              f"{lora['init_loss']:.4f} -> {lora['final_loss']:.4f} (merged, masks re-applied)")
+    if report.model_stage is not None:
+        print(ModelResult(**report.model_stage).summary() + " (masks kept)")
     elif cfg.finetune.method != "none":
-        print(f"blocks whose reconstruction loss dropped: {improved}/{len(blocks)}")
-        restored = [str(b["index"]) for b in blocks if b.get("restored")]
-        if restored:
+        print(f"blocks whose reconstruction loss dropped: {report.improved_blocks}/{len(report.blocks)}")
+        if report.restored_blocks:
             print(f"blocks given back their untuned pruned weights (see 'restored' in report.json): "
-                  f"{', '.join(restored)}")
-    if report.get("resumed"):
-        done = ", ".join(str(n) for n in report["resumed"])
-        print(f"resumed {len(report['resumed'])} time(s), with {done} block(s) already finished")
-    for source, ppl in report.get("eval_dense", {}).items():
+                  f"{', '.join(map(str, report.restored_blocks))}")
+    if report.resumed:
+        done = ", ".join(str(n) for n in report.resumed)
+        print(f"resumed {len(report.resumed)} time(s), with {done} block(s) already finished")
+    for source, ppl in (report.eval_dense or {}).items():
         print(f"dense perplexity on {source}: {ppl:.3f}")
-    for source, ppl in report["eval"].items():
+    for source, ppl in report.eval.items():
         print(f"perplexity on {source}: {ppl:.3f}")
-    print(f"wrote {args.out}/model and {args.out}/report.json in {report['timings']['total']:.0f} s")
+    print(f"wrote {args.out}/model and {args.out}/report.json in {report.timings['total']:.0f} s")
     return 0
 
 

@@ -1,26 +1,28 @@
-"""Typed, validated configuration: one dataclass per concern.
+"""Typed, validated configuration: one dataclass per concern, each field a setting of the schema.
 
-Every ``__post_init__`` raises :class:`~ebft.errors.UsageError` with a message that names
-the CLI flag, so the CLI and library callers get the same one-line errors.
+Every field is declared once, with its default and help, through :func:`ebft.settings.setting`; the
+command-line flags, sweep keys, resume check and docs table come from these declarations. Each
+pruner and fine-tuner keeps its own options (``PruneConfig.options``, ``FinetuneConfig.options``)
+in a dataclass registered with it. Every ``__post_init__`` raises :class:`~ebft.errors.UsageError`
+with a message that names the flag, so the CLI and library callers get the same one-line errors.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ebft.errors import UsageError
+from ebft.settings import check_finite, options_field, section, setting
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 #: Where the calibration activations live: RAM (none and cpu alike) or memory-mapped files (disk).
 OFFLOADS = ("none", "cpu", "disk")
-#: Methods that fine-tune the whole pruned model after pruning, not block by block (see ebft.finetune.lora).
-MODEL_FINETUNERS = frozenset({"lora"})
-#: LoRA's default targets: every linear layer of a decoder block (attention and MLP).
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def parse_nm(text: str | None) -> tuple[int, int] | None:
@@ -36,42 +38,96 @@ def parse_nm(text: str | None) -> tuple[int, int] | None:
     return n, m
 
 
+def _names(what: str) -> list[str]:
+    """The registered names of ``what``, for help texts."""
+    if what == "pruners":
+        from ebft.pruners import PRUNERS
+
+        return sorted(PRUNERS)
+    if what == "finetuners":
+        from ebft.finetune import FINETUNERS
+
+        return sorted(FINETUNERS)
+    if what == "sources":
+        from ebft.data import source_choices
+
+        return source_choices().split(", ")
+    from ebft.structured import SCORES
+
+    return list(SCORES)
+
+
 def _positive_int(value: int, flag: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UsageError(f"{flag} must be a positive whole number; got {value!r}")
+
+
+def check_combinations(given: Collection[str]) -> None:
+    """Refuse settings given together that exclude each other: the command line and sweep cells alike."""
+    if "structured" in given:
+        if "sparsity" in given or "nm" in given:
+            raise UsageError("--structured removes whole heads and channels; it does not combine with --sparsity "
+                             "or --nm")
+        if "pruner" in given:
+            raise UsageError("--structured chooses heads and channels by --structured-score, not --pruner; "
+                             "drop --pruner")
+    elif "structured_score" in given:
+        raise UsageError("--structured-score needs --structured RATIO")
+    if "sparsity" in given and "nm" in given:
+        raise UsageError("--sparsity and --nm exclude each other (--nm N:M prunes 1 - N/M of the weights); "
+                         "give one of them")
+
+
+def method_options(kind: str, name: str, cls: type | None, options: Any) -> Any:
+    """``options`` as the method's options dataclass (from None, a dict, or an instance); a one-line error
+    if they belong to another method or name a field it lacks."""
+    flag = "--pruner" if kind == "pruner" else "--finetune"
+    if cls is None:
+        if options not in (None, {}):
+            raise UsageError(f"{flag} {name} takes no options; got {options!r}")
+        return None
+    if options is None:
+        return cls()
+    if isinstance(options, dict):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise UsageError(f"{flag} {name} has no option {unknown[0]!r}; its options: {', '.join(sorted(known))}")
+        return cls(**options)
+    if not isinstance(options, cls):
+        raise UsageError(f"{flag} {name} takes {cls.__name__} options, not {type(options).__name__}")
+    return options
 
 
 @dataclass
 class PruneConfig:
     """Which weights to remove."""
 
-    pruner: str = field(default="wanda", metadata={"help": "pruning criterion: magnitude, wanda or sparsegpt"})
-    sparsity: float = field(
-        default=0.5, metadata={"help": "fraction of each block linear layer's weights set to zero, in [0, 1)"}
-    )
-    nm: tuple[int, int] | None = field(
-        default=None, metadata={"help": "N:M semi-structured sparsity, e.g. (2, 4); overrides sparsity"}
-    )
-    structured: float | None = field(
-        default=None,
-        metadata={"help": "remove this fraction of the blocks' linear parameters as whole attention heads and MLP "
-                          "channels, in [0, 1) (ebft.structured); replaces sparsity and the pruner"},
-    )
-    structured_score: str = field(
-        default="fluctuation", metadata={"help": "structured importance: fluctuation (FLAP) or magnitude"}
-    )
-    percdamp: float | None = field(
-        default=None,
-        metadata={"help": "sparsegpt: Hessian dampening as a fraction of its mean diagonal (None: 0.01)"},
-    )
+    pruner: str = setting("wanda", help="pruning criterion", choices=lambda: _names("pruners"))
+    sparsity: float = setting(0.5, help="fraction of each decoder-block linear layer's weights set to zero, in "
+                                        "[0, 1)")
+    nm: tuple[int, int] | None = setting(None, kind="nm", metavar="N:M", sweep=None,
+                                         help="N:M semi-structured sparsity instead of --sparsity, e.g. 2:4 or 4:8 "
+                                              "(a sweep writes it as sparsity: \"2:4\")")
+    structured: float | None = setting(None, kind="float", metavar="RATIO",
+                                       help="instead of --sparsity/--nm: remove this fraction of the blocks' linear "
+                                            "parameters as whole attention heads and MLP channels, giving smaller "
+                                            "matrices (e.g. 0.25)")
+    structured_score: str = setting("fluctuation", choices=lambda: _names("structured scores"),
+                                    help="--structured importance: fluctuation (FLAP: input variance x weight column "
+                                         "norm) or magnitude (column norms alone)")
+    options: Any = options_field()  # the pruner's own options (its registered dataclass)
 
     def __post_init__(self) -> None:
         from ebft.pruners import PRUNERS
 
         if self.pruner not in PRUNERS:
             raise UsageError(f"--pruner {self.pruner!r} is unknown; choose one of: {', '.join(sorted(PRUNERS))}")
+        self.options = method_options("pruner", self.pruner, PRUNERS[self.pruner].Options, self.options)
         if isinstance(self.nm, str):
             self.nm = parse_nm(self.nm)
+        elif isinstance(self.nm, list):
+            self.nm = tuple(self.nm)  # type: ignore[assignment]
         if self.structured is not None:
             self._check_structured()
         elif self.nm is not None:
@@ -81,25 +137,12 @@ class PruneConfig:
             self.sparsity = 1.0 - n / m
         elif not (isinstance(self.sparsity, (int, float)) and math.isfinite(self.sparsity) and 0.0 <= self.sparsity < 1.0):
             raise UsageError(f"--sparsity must be in [0, 1) (0.5 removes half the weights); got {self.sparsity!r}")
-        if self.percdamp is not None:
-            if self.pruner != "sparsegpt":
-                raise UsageError(f"--percdamp applies only to --pruner sparsegpt, not {self.pruner}; drop it")
-            if isinstance(self.percdamp, bool) or not (
-                isinstance(self.percdamp, (int, float)) and math.isfinite(self.percdamp) and self.percdamp >= 0
-            ):
-                raise UsageError(f"--percdamp must be a number >= 0 (0.01 is typical); got {self.percdamp!r}")
-
-    def pruner_options(self) -> dict[str, float]:
-        """Keyword arguments for the pruner's constructor beyond sparsity and N:M."""
-        return {} if self.percdamp is None else {"percdamp": float(self.percdamp)}
 
     def _check_structured(self) -> None:
         from ebft.structured import SCORES
 
-        ratio = self.structured
-        if isinstance(ratio, bool) or not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and 0.0 <= ratio < 1.0):
-            raise UsageError(f"--structured must be in [0, 1) (0.25 removes a quarter of the blocks' parameters); "
-                             f"got {ratio!r}")
+        check_finite(self.structured, "--structured", "in [0, 1) (0.25 removes a quarter of the blocks' parameters)",
+                     low=0.0, high=1.0)
         if self.nm is not None:
             raise UsageError("--structured removes whole heads and channels; it does not combine with --sparsity "
                              "or --nm")
@@ -119,12 +162,16 @@ class PruneConfig:
 class CalibConfig:
     """Where the calibration windows come from."""
 
-    source: str = field(default="c4", metadata={"help": "data source, e.g. c4, wikitext2, text:PATH, jsonl:PATH"})
-    nsamples: int = field(default=256, metadata={"help": "number of calibration windows"})
-    seqlen: int = field(default=1024, metadata={"help": "tokens per calibration window"})
-    seed: int = field(default=0, metadata={"help": "seed for window sampling and fine-tuning order"})
+    source: str = setting("c4", key="calib", metavar="SOURCE", choices=lambda: _names("sources"),
+                          help="calibration source (see Data sources in the README)")
+    nsamples: int = setting(256, help="calibration windows")
+    seqlen: int = setting(1024, help="tokens per calibration window")
+    seed: int = setting(0, help="seed for calibration sampling and training order")
 
     def __post_init__(self) -> None:
+        from ebft.data import parse_source
+
+        parse_source(self.source)
         _positive_int(self.nsamples, "--nsamples")
         _positive_int(self.seqlen, "--seqlen")
         if self.seqlen < 2:
@@ -135,115 +182,76 @@ class CalibConfig:
 
 @dataclass
 class FinetuneConfig:
-    """How the pruned model is repaired: block by block (ebft, dsnot, ...) or end to end (lora)."""
+    """How the pruned model is repaired: block by block (ebft, dsnot, ...) or end to end (lora).
 
-    method: str = field(
-        default="ebft",
-        metadata={"help": "none, ebft (weights), ebft-mask (mask tuning), dsnot (training-free mask refinement) or lora (whole-model baseline)"},
-    )
-    epochs: int = field(
-        default=10, metadata={"help": "passes over the calibration windows per block (lora: over the whole set)"}
-    )
-    lr: float = field(default=2e-4, metadata={"help": "peak AdamW learning rate (linearly decayed to 0)"})
-    batch_size: int = field(default=8, metadata={"help": "calibration windows per optimizer step"})
-    betas: tuple[float, float] = field(default=(0.9, 0.95), metadata={"help": "AdamW betas"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip; 0 disables"})
-    precision: str = field(
-        default="auto", metadata={"help": "training precision: auto, fp32, bf16 or fp16 (autocast, fp32 master weights)"}
-    )
-    holdout_fraction: float = field(
-        default=0.125,
-        metadata={"help": "fraction of the calibration windows held out of block tuning to judge it (0 disables)"},
-    )
-    patience: int | None = field(
-        default=None, metadata={"help": "stop a block's tuning after this many epochs without held-out improvement"}
-    )
-    lora_rank: int = field(default=8, metadata={"help": "lora: rank of the adapters"})
-    lora_alpha: float = field(default=16.0, metadata={"help": "lora: scaling numerator (the update is alpha/rank * BA)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "lora: dropout on the adapters' inputs, in [0, 1)"})
-    lora_targets: tuple[str, ...] = field(
-        default=LORA_TARGETS, metadata={"help": "lora: names of the decoder-block linear layers that get adapters"}
-    )
-    compile: bool = field(
-        default=False,
-        metadata={"help": "ebft: torch.compile each block's forward (and backward) while it trains"},
-    )
-    dsnot_cycles: int | None = field(
-        default=None, metadata={"help": "dsnot: most prune-and-grow swaps per output row (None: 50)"}
-    )
-    dsnot_threshold: float | None = field(
-        default=None,
-        metadata={"help": "dsnot: a row stops once |its expected output error| falls below this (None: 0.1)"},
-    )
+    The training settings here are common to the methods that train; ``options`` holds the chosen
+    method's own ones (its registered dataclass: ``--lora-rank`` is ``LoraOptions.rank``).
+    """
+
+    method: str = setting("ebft", key="finetune", choices=lambda: _names("finetuners"),
+                          help="repair method: none (pruning alone), a block fine-tuner (ebft: the remaining weights; "
+                               "ebft-mask: the mask; dsnot: training-free mask refinement) or a whole-model one (lora: "
+                               "the baseline that fine-tunes the whole pruned model with LoRA, merges and re-masks it)")
+    epochs: int = setting(10, training=True,
+                          help="passes over the calibration windows per block (for a whole-model method: over all of "
+                               "them)")
+    lr: float = setting(2e-4, training=True, help="peak AdamW learning rate, decayed linearly to 0")
+    batch_size: int = setting(8, training=True, help="calibration windows per optimizer step")
+    betas: tuple[float, float] = setting((0.9, 0.95), kind="floats", training=True, metavar="B1,B2",
+                                         help="AdamW betas")
+    weight_decay: float = setting(0.0, training=True, help="AdamW weight decay")
+    grad_clip: float = setting(1.0, training=True, help="gradient norm clip; 0 disables")
+    precision: str = setting("auto", training=True, choices=lambda: PRECISIONS,
+                             help="training precision (autocast over fp32 master weights)")
+    holdout_fraction: float = setting(0.125, training=True,
+                                      help="calibration windows held out of block tuning; a block that tuning makes "
+                                           "worse on them gets its untuned weights back (0 disables)")
+    patience: int | None = setting(None, kind="int", training=True,
+                                   help="stop a block's tuning after this many epochs without held-out improvement, "
+                                        "keeping the best epoch (none: off)")
+    options: Any = options_field()  # the method's own options (its registered dataclass)
 
     def __post_init__(self) -> None:
         from ebft.finetune import FINETUNERS
 
-        if self.method not in FINETUNERS and self.method not in MODEL_FINETUNERS:
-            known = ", ".join(sorted({*FINETUNERS, *MODEL_FINETUNERS}))
-            raise UsageError(f"--finetune {self.method!r} is unknown; choose one of: {known}")
+        if self.method not in FINETUNERS:
+            raise UsageError(f"--finetune {self.method!r} is unknown; choose one of: {', '.join(sorted(FINETUNERS))}")
+        tuner = FINETUNERS[self.method]
+        self.options = method_options("finetune", self.method, tuner.Options if tuner else None, self.options)
         _positive_int(self.epochs, "--epochs")
         _positive_int(self.batch_size, "--batch-size")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise UsageError(f"--lr must be a positive number; got {self.lr!r}")
-        b1, b2 = self.betas
-        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-            raise UsageError(f"--betas must each lie in [0, 1); got {self.betas!r}")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise UsageError(f"--weight-decay must be >= 0; got {self.weight_decay!r}")
-        if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
-            raise UsageError(f"--grad-clip must be >= 0 (0 disables clipping); got {self.grad_clip!r}")
+        check_finite(self.lr, "--lr", "a positive number", low=0.0, low_open=True)
+        if isinstance(self.betas, list):
+            self.betas = tuple(self.betas)  # type: ignore[assignment]
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in self.betas):
+            raise UsageError(f"--betas must be two numbers, each in [0, 1), such as 0.9,0.95; got {self.betas!r}")
+        check_finite(self.weight_decay, "--weight-decay", ">= 0", low=0.0)
+        check_finite(self.grad_clip, "--grad-clip", ">= 0 (0 disables clipping)", low=0.0)
         if self.precision not in PRECISIONS:
             raise UsageError(f"--precision {self.precision!r} is unknown; choose one of: {', '.join(PRECISIONS)}")
-        if isinstance(self.holdout_fraction, bool) or not (
-            isinstance(self.holdout_fraction, (int, float)) and 0.0 <= self.holdout_fraction < 1.0
-        ):
-            raise UsageError(
-                f"--holdout-fraction must be in [0, 1) (0 disables the held-out check); got {self.holdout_fraction!r}"
-            )
+        check_finite(self.holdout_fraction, "--holdout-fraction", "in [0, 1) (0 disables the held-out check)",
+                     low=0.0, high=1.0)
         if self.patience is not None:
             _positive_int(self.patience, "--patience")
-        _positive_int(self.lora_rank, "--lora-rank")
-        if isinstance(self.lora_alpha, bool) or not (
-            isinstance(self.lora_alpha, (int, float)) and math.isfinite(self.lora_alpha) and self.lora_alpha > 0
-        ):
-            raise UsageError(f"--lora-alpha must be a positive number; got {self.lora_alpha!r}")
-        if not (isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0):
-            raise UsageError(f"--lora-dropout must be in [0, 1); got {self.lora_dropout!r}")
-        if isinstance(self.lora_targets, str):
-            self.lora_targets = tuple(t.strip() for t in self.lora_targets.split(","))
-        if isinstance(self.lora_targets, (list, tuple)):
-            self.lora_targets = tuple(self.lora_targets)
-        if not isinstance(self.lora_targets, tuple) or not self.lora_targets or not all(isinstance(t, str) and t.strip() and "," not in t for t in self.lora_targets):
-            raise UsageError(
-                f"--lora-targets expects comma-separated layer names such as q_proj,v_proj; got {self.lora_targets!r}"
-            )
-        if not isinstance(self.compile, bool):
-            raise UsageError(f"compile must be true or false; got {self.compile!r}")
-        if self.compile and self.method != "ebft":
-            raise UsageError(f"--compile applies only to --finetune ebft, not {self.method}; drop it")
-        for flag, value in (("--dsnot-cycles", self.dsnot_cycles), ("--dsnot-threshold", self.dsnot_threshold)):
-            if value is not None and self.method != "dsnot":
-                raise UsageError(f"{flag} applies only to --finetune dsnot, not {self.method}; drop it")
-        if self.dsnot_cycles is not None:
-            _positive_int(self.dsnot_cycles, "--dsnot-cycles")
-        if self.dsnot_threshold is not None and (isinstance(self.dsnot_threshold, bool) or not (
-            isinstance(self.dsnot_threshold, (int, float)) and math.isfinite(self.dsnot_threshold)
-            and self.dsnot_threshold >= 0
-        )):
-            raise UsageError(f"--dsnot-threshold must be a number >= 0; got {self.dsnot_threshold!r}")
 
 
 @dataclass
 class EvalConfig:
     """Perplexity evaluation after pruning."""
 
-    sources: list[str] = field(default_factory=list, metadata={"help": "data sources to evaluate on"})
-    seqlen: int = field(default=1024, metadata={"help": "tokens per evaluation window"})
-    max_windows: int | None = field(default=None, metadata={"help": "evaluate only the first N windows"})
+    sources: list[str] = setting(default_factory=list, key="eval", kind="names", repeat=True, sweep="fixed",
+                                 compared=False, metavar="SOURCE",
+                                 help="evaluate perplexity on SOURCE after pruning (repeatable), e.g. wikitext2")
+    seqlen: int = setting(1024, key="eval_seqlen", sweep="fixed", compared=False, help="tokens per evaluation window")
+    max_windows: int | None = setting(None, kind="int", sweep="fixed", compared=False,
+                                      help="evaluate only the first N windows (none: all)")
 
     def __post_init__(self) -> None:
+        from ebft.data import parse_source
+
+        self.sources = list(self.sources)
+        for source in self.sources:
+            parse_source(source)
         _positive_int(self.seqlen, "--eval-seqlen")
         if self.seqlen < 2:
             raise UsageError("--eval-seqlen must be at least 2")
@@ -257,28 +265,35 @@ class RunConfig:
 
     model: str
     out: Path | None = None
-    prune: PruneConfig = field(default_factory=PruneConfig)
-    calib: CalibConfig = field(default_factory=CalibConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    device: str = "auto"
-    data_dir: Path | None = None
-    eval_dense: bool = False
-    offload: str = field(default="none", metadata={"help": "calibration activations in RAM (none, cpu) or in "
-                                                           "memory-mapped files in the run's work folder (disk)"})
+    prune: PruneConfig = section(PruneConfig)
+    calib: CalibConfig = section(CalibConfig)
+    finetune: FinetuneConfig = section(FinetuneConfig)
+    eval: EvalConfig = section(EvalConfig)
+    device: str = setting("auto", choices=lambda: DEVICES, help="compute device (auto: CUDA if present, else the CPU)")
+    data_dir: Path | None = setting(None, kind="str", sweep="fixed", compared=False, metavar="DIR",
+                                    help="local data mirror (wikitext2/, c4/, zeroshot/ like the project's shared "
+                                         "data); default $EBFT_DATA_DIR, else the Hugging Face hub")
+    eval_dense: bool = setting(False, sweep=None, compared=False, help="also evaluate the model before pruning")
+    offload: str = setting("none", compared=False, choices=lambda: OFFLOADS,
+                           help="calibration activations: none or cpu (in RAM) or disk (memory-mapped files in the "
+                                "run's work folder, removed at the end)")
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise UsageError(f"--device {self.device!r} is unknown; choose one of: {', '.join(DEVICES)}")
         if self.offload not in OFFLOADS:
             raise UsageError(f"--offload {self.offload!r} is unknown; choose one of: {', '.join(OFFLOADS)}")
+        if isinstance(self.data_dir, str):
+            self.data_dir = Path(self.data_dir)
+        if isinstance(self.out, str):
+            self.out = Path(self.out)
 
     def to_dict(self) -> dict:
         """A JSON-ready copy (paths as strings, tuples as lists)."""
         return _asdict(self)
 
 
-def _asdict(obj) -> dict:
+def _asdict(obj: Any) -> dict:
     out = {}
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)

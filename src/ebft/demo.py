@@ -9,6 +9,7 @@ Calibration uses the ``pydoc:train`` topics and evaluation the disjoint ``pydoc:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -34,8 +35,7 @@ def run_demo(out: Path, device: str = "auto", data_dir: Path | None = None,
     model, tokenizer = loaded.model, loaded.tokenizer
 
     def config(method: str, run_out: Path | None) -> RunConfig:
-        finetune = copy.deepcopy(DEMO_FINETUNE)
-        finetune.method = method
+        finetune = dataclasses.replace(DEMO_FINETUNE, method=method, options=None)
         return RunConfig(model=DEMO_MODEL, out=run_out, prune=PruneConfig("wanda", 0.5), calib=DEMO_CALIB,
                          finetune=finetune, eval=DEMO_EVAL, device=device, data_dir=data_dir)
 
@@ -48,8 +48,8 @@ def run_demo(out: Path, device: str = "auto", data_dir: Path | None = None,
     repaired = run_prune(config("ebft", out), overwrite=True, model_and_tokenizer=(model, tokenizer))
     table = {
         "dense": dense,
-        "wanda 50%": pruned["eval"][source],
-        "wanda 50% + ebft": repaired["eval"][source],
+        "wanda 50%": pruned.eval[source],
+        "wanda 50% + ebft": repaired.eval[source],
     }
     n_tokens = DEMO_EVAL.max_windows * DEMO_EVAL.seqlen
     echo("")

@@ -79,7 +79,7 @@ def process_device(device: str, local_rank: int) -> torch.device:
 
 @dataclass
 class DistContext:
-    """This process's place in the job and the collectives the pipeline uses."""
+    """This process's place in the job and the collectives the walk uses."""
 
     rank: int
     world_size: int

@@ -116,7 +116,7 @@ def loss_curves(blocks: Sequence[dict[str, Any]], path: Path, title: str) -> Pat
     return _save(plt, fig, path)
 
 
-def lora_curve(losses: Sequence[float], path: Path, title: str) -> Path | None:
+def stage_curve(losses: Sequence[float], path: Path, title: str) -> Path | None:
     """LoRA's mean causal-LM training loss per epoch."""
     plt = pyplot()
     if plt is None or not losses:

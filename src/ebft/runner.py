@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import platform
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,19 +14,20 @@ import torch
 from torch import nn
 
 import ebft
-from ebft.checkpoint import Checkpoint, fingerprint, plan_run, publish_staged, read_report, work_dir
-from ebft.config import MODEL_FINETUNERS, RunConfig
+from ebft.checkpoint import Checkpoint, CheckpointCallback, fingerprint, plan_run, publish_staged, read_report, work_dir
+from ebft.config import RunConfig
 from ebft.data import calibration_windows, evaluation_tokens, load_documents, parse_source
 from ebft.errors import EbftError, UsageError
 from ebft.eval import perplexity
 from ebft.export import save_model
-from ebft.finetune import FINETUNERS
+from ebft.finetune import FINETUNERS, BlockFinetuner, ModelFinetuner, make_finetuner
 from ebft.fsio import existing_ancestor
 from ebft.models import SUPPORTED_MODEL_TYPES, find_blocks, load_model
 from ebft.models.loading import load_config
-from ebft.pipeline import check_nm_divisible, holdout_count, prune_and_finetune
 from ebft.precision import resolve_precision
+from ebft.results import RunReport
 from ebft.sparsity import mask_stats, weight_sparsity
+from ebft.walk import BlockWalk, Callback, check_nm_divisible, holdout_count, make_compressor
 
 if TYPE_CHECKING:
     from ebft.distributed import DistContext
@@ -50,11 +51,6 @@ def validate_inputs(cfg: RunConfig, overwrite: bool = False, resume: bool = Fals
 
     Returns what ``--out`` allows (see :func:`ebft.checkpoint.plan_run`), or ``None`` without ``--out``.
     """
-    if cfg.prune.structured is not None:  # the structured walk keeps its activations in RAM, in one process
-        if cfg.offload == "disk":
-            raise UsageError("--offload disk does not work with --structured yet; drop --offload")
-        if processes > 1:
-            raise UsageError("--structured runs in one process; run it without torchrun")
     plan = None
     if cfg.out is not None:
         plan = plan_run(Path(cfg.out), cfg.to_dict(), overwrite, resume)
@@ -67,10 +63,9 @@ def validate_inputs(cfg: RunConfig, overwrite: bool = False, resume: bool = Fals
     resolve_device(cfg.device)
     if plan in ("finished", "publish"):
         return plan
-    if cfg.finetune.method == "lora":
-        from ebft.finetune.lora import import_peft
-
-        import_peft()
+    tuner = FINETUNERS[cfg.finetune.method]
+    if tuner is not None:
+        tuner.check_available()
     config = load_config(cfg.model)
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -87,9 +82,9 @@ def validate_inputs(cfg: RunConfig, overwrite: bool = False, resume: bool = Fals
     if skeleton is not None:
         check_nm_divisible(find_blocks(skeleton), cfg.prune.nm)
     if cfg.prune.structured is not None:
-        from ebft.structured_pipeline import check_structured_run
+        from ebft.structured import check_structured_run
 
-        check_structured_run(cfg.prune, cfg.finetune.method, skeleton, config)
+        check_structured_run(cfg.prune.structured, cfg.finetune.method, skeleton, config)
     if cfg.out is not None:
         needed = estimate_out_bytes(config, cfg.calib.nsamples, cfg.calib.seqlen, skeleton)
         if cfg.offload == "disk":  # both activation buffers, for every process of a torchrun job
@@ -104,9 +99,10 @@ def check_patience(cfg: RunConfig) -> None:
     if patience is None:
         return
     method = cfg.finetune.method
-    tuner = FINETUNERS.get(method)
-    if method in MODEL_FINETUNERS or tuner is None or not tuner.supports_early_stopping:
-        raise UsageError(f"--patience works only with --finetune ebft; got --finetune {method}")
+    tuner = FINETUNERS[method]
+    if not getattr(tuner, "supports_early_stopping", False):
+        usable = ", ".join(n for n, c in FINETUNERS.items() if getattr(c, "supports_early_stopping", False))
+        raise UsageError(f"--patience works only with --finetune {usable}; got --finetune {method}")
     if holdout_count(cfg.calib.nsamples, cfg.finetune.holdout_fraction) == 0:
         raise UsageError("--patience needs held-out windows: use --holdout-fraction above 0 and --nsamples 2 or more")
 
@@ -182,11 +178,12 @@ def evaluate_all(model: nn.Module, windows: dict[str, torch.Tensor], device: tor
 
 def run_prune(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer: tuple[nn.Module, Any] | None = None,
               resume: bool = False, windows: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None,
-              dist: DistContext | None = None) -> dict:
+              dist: DistContext | None = None, callbacks: Sequence[Callback] = ()) -> RunReport:
     """Run the whole job described by ``cfg``; returns the report (also written to ``cfg.out``).
 
     ``windows``: the calibration ids and the evaluation ids by source, already built for ``cfg``
     with this tokenizer (``ebft.sweep`` builds them once for many runs); default: built here.
+    ``callbacks`` join the block walk (:class:`ebft.walk.Callback`), after the checkpoint's.
 
     With ``cfg.out``, every finished block is checkpointed next to it (``ebft.checkpoint``); a run
     that stopped for any reason continues with ``resume=True``. ``cfg.out`` appears only at the end.
@@ -197,14 +194,14 @@ def run_prune(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer: tupl
     if dist is not None:  # torchrun: every process has checked --out before rank 0 writes to it
         dist.barrier()
         if plan in ("finished", "publish") and not dist.is_main:
-            return {}
+            return RunReport.from_dict({"config": cfg.to_dict()})
     out = Path(cfg.out) if cfg.out is not None else None
     if plan == "finished":
         logger.info("%s already holds this run, finished; nothing to resume", out)
-        return read_report(out)  # type: ignore[arg-type,return-value]
+        return RunReport.from_dict(read_report(out))  # type: ignore[arg-type]
     if plan == "publish":
         logger.info("%s: the run had finished; publishing it", out)
-        return publish_staged(out)  # type: ignore[arg-type]
+        return RunReport.from_dict(publish_staged(out))  # type: ignore[arg-type]
     device = resolve_device(cfg.device) if dist is None else dist.device
 
     if model_and_tokenizer is None:
@@ -213,11 +210,9 @@ def run_prune(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer: tupl
     else:
         (model, tokenizer), resolved = model_and_tokenizer, cfg.model
     check_nm_divisible(find_blocks(model), cfg.prune.nm)
-    lora = cfg.finetune.method == "lora"
-    if lora:
-        from ebft.finetune.lora import check_lora
-
-        check_lora(model, cfg.finetune)
+    tuner = make_finetuner(cfg.finetune, seed=cfg.calib.seed)
+    if isinstance(tuner, ModelFinetuner):
+        tuner.check(model)
     timings["load"] = time.perf_counter() - t0
 
     t = time.perf_counter()
@@ -233,24 +228,25 @@ def run_prune(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer: tupl
         }
     timings["data"] = time.perf_counter() - t
 
-    report: dict[str, Any] = {
-        "ebft_version": ebft.__version__,
-        "config": cfg.to_dict(),
-        "model": {
+    report = RunReport(
+        ebft_version=ebft.__version__,
+        config=cfg.to_dict(),
+        model={
             "source": cfg.model,
             "resolved": resolved,
             "class": type(model).__name__,
             "parameters": sum(p.numel() for p in model.parameters()),
             "blocks": len(find_blocks(model)),
         },
-        "device": str(device),
-        "precision": resolve_precision(cfg.finetune.precision, device) if cfg.finetune.method != "none" else None,
-        "host": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()},
-    }
+        device=str(device),
+        precision=resolve_precision(cfg.finetune.precision, device) if tuner is not None else None,
+        host={"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        timings=timings,
+    )
     if cfg.eval_dense and eval_windows and (dist is None or dist.is_main):
         t = time.perf_counter()
         dense = evaluate_all(model, eval_windows, device, "dense")
-        report["eval_dense"] = {s: r["perplexity"] for s, r in dense.items()}
+        report.eval_dense = {s: r["perplexity"] for s, r in dense.items()}
         timings["eval_dense"] = time.perf_counter() - t
 
     checkpoint = None
@@ -260,24 +256,23 @@ def run_prune(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer: tupl
         dist.barrier()
         if out is not None and not dist.is_main:
             checkpoint = Checkpoint.follow(out)
+    walk_callbacks = [*([CheckpointCallback(checkpoint)] if checkpoint is not None else []), *callbacks]
     try:
-        model = _prune_and_evaluate(cfg, model, calib, eval_windows, device, report, timings, checkpoint, dist)
+        model = _prune_and_evaluate(cfg, model, tuner, calib, eval_windows, device, report, walk_callbacks,
+                                    checkpoint, dist)
         if dist is not None and not dist.is_main:
-            return {}  # rank 0 evaluates, saves and reports
+            return report  # rank 0 evaluates, saves and reports
         if checkpoint is not None:
             t = time.perf_counter()
             checkpoint.stage_model(model, tokenizer, save_model)
-            if "structured" in report:  # the smaller model's size on disk
-                staged = checkpoint.folder / "final" / "model"
-                report["structured"]["model_file_bytes"] = sum(f.stat().st_size for f in staged.glob("*.safetensors"))
+            staged = checkpoint.folder / "final" / "model"
+            report.saved_bytes = sum(f.stat().st_size for f in staged.glob("*.safetensors"))
             timings["save"] = time.perf_counter() - t
             timings["total"] = time.perf_counter() - t0
-            report["timings"] = timings
-            checkpoint.publish(report)
+            checkpoint.publish(report.to_dict())
             logger.info("wrote %s", out)
         else:
             timings["total"] = time.perf_counter() - t0
-            report["timings"] = timings
     except BaseException:
         if checkpoint is not None:
             _keep_or_discard(checkpoint, len(find_blocks(model)))
@@ -285,46 +280,40 @@ def run_prune(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer: tupl
     return report
 
 
-def _prune_and_evaluate(cfg: RunConfig, model: nn.Module, calib: torch.Tensor, eval_windows: dict[str, torch.Tensor],
-                        device: torch.device, report: dict[str, Any], timings: dict[str, float],
-                        checkpoint: Checkpoint | None, dist: DistContext | None = None) -> nn.Module:
-    """Prune + repair (+ LoRA), sparsity statistics and evaluation, into ``report``; returns the model."""
-    lora = cfg.finetune.method == "lora"
+def _prune_and_evaluate(cfg: RunConfig, model: nn.Module, tuner: Any, calib: torch.Tensor,
+                        eval_windows: dict[str, torch.Tensor], device: torch.device, report: RunReport,
+                        callbacks: list[Callback], checkpoint: Checkpoint | None,
+                        dist: DistContext | None = None) -> nn.Module:
+    """The block walk (+ a whole-model stage), sparsity statistics and evaluation, into ``report``."""
+    timings = report.timings
     t = time.perf_counter()
     torch.manual_seed(cfg.calib.seed)
-    block_finetune = dataclasses.replace(cfg.finetune, method="none") if lora else cfg.finetune
-    if cfg.prune.structured is not None:
-        from ebft.structured_pipeline import structured_prune_and_finetune
-
-        result = structured_prune_and_finetune(model, calib, cfg.prune, block_finetune, device, seed=cfg.calib.seed,
-                                               checkpoint=checkpoint)
-        report["structured"] = result.summary
-    else:
-        result = prune_and_finetune(model, calib, cfg.prune, block_finetune, device, seed=cfg.calib.seed,
-                                    checkpoint=checkpoint, dist=dist, offload_dir=_offload_dir(cfg))
+    block_tuner = tuner if isinstance(tuner, BlockFinetuner) else None
+    walk = BlockWalk(model, calib, make_compressor(model, cfg.prune), block_tuner, cfg.finetune, device,
+                     seed=cfg.calib.seed, callbacks=callbacks, dist=dist, offload_dir=_offload_dir(cfg))
+    result = walk.run()
+    report.structured = result.summary if cfg.prune.structured is not None else None
     if dist is not None and not dist.is_main:
         return model
     timings["prune_finetune"] = time.perf_counter() - t
-    report["blocks"] = result.block_dicts()
+    report.blocks = result.blocks
     if checkpoint is not None and checkpoint.resumes:
-        report["resumed"] = checkpoint.resumes  # finished blocks at each resume
-    if lora:
-        from ebft.finetune.lora import lora_finetune
-
+        report.resumed = checkpoint.resumes  # finished blocks at each resume
+    if isinstance(tuner, ModelFinetuner):
         t = time.perf_counter()
-        model, lora_result = lora_finetune(model, calib, result.masks, cfg.finetune, device, seed=cfg.calib.seed)
-        timings["lora"] = time.perf_counter() - t
-        report["lora"] = lora_result.to_dict()
+        model, stage = tuner.tune_model(model, calib, result.masks, device)
+        timings[tuner.name] = time.perf_counter() - t
+        report.model_stage = stage.to_dict()
     stats = mask_stats(result.masks)
     linears = find_blocks(model).all_linears()
     zeros = sum(weight_sparsity(linears[n].weight.data) * linears[n].weight.numel() for n in linears)
     stats["weights_zero"] = zeros / sum(l.weight.numel() for l in linears.values())
-    report["sparsity"] = stats
+    report.sparsity = stats
 
     t = time.perf_counter()
     details = evaluate_all(model, eval_windows, device, "pruned") if eval_windows else {}
-    report["eval"] = {s: r["perplexity"] for s, r in details.items()}
-    report["eval_details"] = details
+    report.eval = {s: r["perplexity"] for s, r in details.items()}
+    report.eval_details = details
     timings["eval"] = time.perf_counter() - t
     return model
 

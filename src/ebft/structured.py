@@ -38,7 +38,9 @@ the block afterwards anyway.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -48,7 +50,11 @@ import torch
 from torch import Tensor, nn
 
 from ebft.errors import EbftError, UsageError
+from ebft.models.blocks import record_inputs
 from ebft.sparsity import keep_top
+from ebft.walk import Compression, Compressor
+
+logger = logging.getLogger(__name__)
 
 #: Families whose blocks have self_attn.{q,k,v,o}_proj and mlp.{gate,up,down}_proj, tested end to end.
 STRUCTURED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
@@ -361,3 +367,96 @@ def apply_to_config(config: Any, plan: StructuredPlan) -> None:
     config.num_key_value_heads = plan.kv_heads
     config.intermediate_size = plan.intermediate
     config.head_dim = plan.layout.head_dim
+
+
+# ----------------------------------------------------------------------------- the walk's compressor
+
+
+def make_plan(model: nn.Module, ratio: float) -> StructuredPlan:
+    """The plan for ``model`` (its first block's widths; a model on the meta device will do) at ``ratio``."""
+    from ebft.models.adapter import find_blocks
+
+    check_model_type(getattr(model.config, "model_type", None))
+    blocks = find_blocks(model)
+    return plan_structure(block_layout(blocks.blocks[0], model.config), ratio, config_accepts(model.config))
+
+
+def check_tuner(method: str) -> None:
+    """Refuse a mask-refining fine-tuner: a structured walk leaves no masks to refine."""
+    from ebft.finetune import FINETUNERS
+
+    if getattr(FINETUNERS[method], "refines_masks", False):
+        usable = [name for name, cls in FINETUNERS.items() if not getattr(cls, "refines_masks", False)]
+        raise UsageError(f"--finetune {method} refines pruning masks; with --structured use "
+                         f"--finetune {', '.join(sorted(usable))}")
+
+
+def check_structured_run(ratio: float, finetune_method: str, model: nn.Module | None, config: Any) -> None:
+    """Everything about a ``--structured`` run that can fail before loading weights (``model``: a skeleton)."""
+    check_tuner(finetune_method)
+    check_model_type(getattr(config, "model_type", None))
+    if model is not None:
+        plan = make_plan(model, ratio)
+        logger.info("structured plan: %d/%d heads, %d/%d kv heads, %d/%d channels; removes %.4f of the blocks' "
+                    "linear parameters (asked %.4f)", plan.heads, plan.layout.num_heads, plan.kv_heads,
+                    plan.layout.num_kv_heads, plan.intermediate, plan.layout.intermediate, plan.achieved,
+                    plan.ratio)
+
+
+class StructuredCompressor(Compressor):
+    """Shrinks every block to the plan's widths, keeping the heads and channels its own statistics rank highest.
+
+    The dense pass records the variance of every input channel of ``o_proj`` and ``down_proj``
+    (``fluctuation``); the block's linear layers are then replaced by smaller ones, every weight of
+    which stays trainable (all-True masks). After the walk the model config gets the new widths, so
+    the saved model loads with plain ``from_pretrained``.
+    """
+
+    def __init__(self, model: nn.Module, ratio: float, score: str = "fluctuation") -> None:
+        if score not in SCORES:
+            raise UsageError(f"--structured-score {score!r} is unknown; choose one of: {', '.join(SCORES)}")
+        self.plan = make_plan(model, ratio)
+        self.score = score
+        self.params_before = sum(p.numel() for p in model.parameters())
+        self._stats: dict[str, ChannelStats] = {}
+        plan = self.plan
+        logger.info("structured: every block keeps %d/%d query heads (%d per group), %d/%d key/value heads and %d/%d "
+                    "MLP channels: %.4f of the blocks' linear parameters removed (asked %.4f), score %s",
+                    plan.heads, plan.layout.num_heads, plan.heads_per_group, plan.kv_heads, plan.layout.num_kv_heads,
+                    plan.intermediate, plan.layout.intermediate, plan.achieved, plan.ratio, score)
+
+    def check_tuner(self, method: str) -> None:
+        check_tuner(method)
+
+    def observe(self, block: nn.Module, index: int, blocks: Any) -> contextlib.AbstractContextManager:
+        if self.score != "fluctuation":
+            return contextlib.nullcontext()
+        attn, mlp = block_parts(block)
+        modules = {"o_proj": attn.o_proj, "down_proj": mlp.down_proj}
+        self._stats = {name: ChannelStats(m.in_features) for name, m in modules.items()}
+        return record_inputs(modules, lambda name, x: self._stats[name].add(x))
+
+    def compress(self, block: nn.Module, index: int, blocks: Any) -> Compression:
+        attn, mlp = block_parts(block)
+        lay, plan = self.plan.layout, self.plan
+        variance = {name: s.variance() for name, s in self._stats.items()}
+        self._stats = {}
+        heads = head_scores(channel_scores(attn.o_proj.weight, variance.get("o_proj")), lay.num_heads)
+        channels = channel_scores(mlp.down_proj.weight, variance.get("down_proj"))
+        kept_q, kept_kv = select_heads(heads, lay.num_kv_heads, plan.kv_heads, plan.heads_per_group)
+        shrink_block(block, lay, kept_q, kept_kv, select_channels(channels, plan.intermediate))
+        masks = {name + ".weight": torch.ones_like(m.weight, dtype=torch.bool)  # every remaining weight is tuned
+                 for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+        return Compression(masks, {"kept_heads": kept_q, "kept_kv_heads": kept_kv})
+
+    def reshape(self, block: nn.Module, index: int) -> None:
+        shrink_to_plan(block, self.plan)
+
+    def finish(self, model: nn.Module, blocks: Any) -> dict[str, Any]:
+        apply_to_config(model.config, self.plan)
+        params_after = sum(p.numel() for p in model.parameters())
+        summary = {**self.plan.to_dict(), "score": self.score, "parameters_before": self.params_before,
+                   "parameters_after": params_after, "parameters_removed_fraction": 1 - params_after / self.params_before}
+        logger.info("structured: %d -> %d parameters (whole model, %.2f%% fewer); blocks' linear layers %.4f removed",
+                    self.params_before, params_after, 100 * summary["parameters_removed_fraction"], self.plan.achieved)
+        return summary

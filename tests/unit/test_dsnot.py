@@ -11,7 +11,7 @@ from ebft.finetune import FINETUNERS
 from ebft.finetune.dsnot import DSnoT, FeatureStats, dsnot_mask, expected_error
 from ebft.models import find_blocks
 from ebft.models.blocks import run_block
-from ebft.pipeline import prune_and_finetune
+from ebft.walk import prune_and_finetune
 from ebft.pruners import wanda_scores
 from ebft.sparsity import check_nm, mask_stats, nm_mask, unstructured_mask
 from ebft.sparsity.patterns import detect_nm
@@ -37,7 +37,7 @@ def test_registered() -> None:
     assert FINETUNERS["dsnot"] is DSnoT and DSnoT.needs_dense_weights and DSnoT.name == "dsnot"
     assert FinetuneConfig(method="dsnot").method == "dsnot"
     tuner = DSnoT(FinetuneConfig(method="dsnot"))
-    assert (tuner.max_cycles, tuner.threshold) == (50, 0.1)
+    assert (tuner.options.cycles, tuner.options.threshold) == (50, 0.1)
 
 
 # rows mirror each other: e = +1.1 and -1.1 with mean 1 on every input

@@ -229,7 +229,7 @@ def test_compiled_training_matches_eager(llama_block_problem: dict[str, Any]) ->
     eager = _tune(p, epochs=2)
     eager_state = {k: v.clone() for k, v in block.state_dict().items()}
     block.load_state_dict(start)
-    compiled = _tune(p, epochs=2, compile=True)
+    compiled = _tune(p, epochs=2, options={"compile": True})
     assert "forward" not in vars(block)  # the instance attribute torch.compile set is gone
     assert compiled.steps == eager.steps == 8
     assert compiled.losses == pytest.approx(eager.losses, rel=1e-4)
@@ -251,7 +251,7 @@ def test_compile_failure_is_one_line(llama_block_problem: dict[str, Any], monkey
     monkeypatch.setattr(torch, "compile", broken)
     message = r"^torch.compile failed \(RuntimeError: no C\+\+ compiler found\); run without --compile$"
     with pytest.raises(EbftError, match=message):
-        _tune(llama_block_problem, compile=True)
+        _tune(llama_block_problem, options={"compile": True})
     assert "forward" not in vars(llama_block_problem["block"])
 
 

@@ -14,9 +14,10 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from ebft.cli import main
 from ebft.config import CalibConfig, EvalConfig, FinetuneConfig, PruneConfig, RunConfig
 from ebft.errors import EbftError, UsageError
-from ebft.finetune.lora import causal_lm_loss, lora_finetune
+from ebft.finetune.ebft import EBFTOptions
+from ebft.finetune.lora import LoraOptions, causal_lm_loss, lora_finetune
 from ebft.models import find_blocks
-from ebft.pipeline import prune_and_finetune
+from ebft.walk import prune_and_finetune
 from ebft.runner import run_prune
 
 pytest.importorskip("peft")
@@ -72,8 +73,8 @@ def test_lora_lowers_loss_keeps_sparsity_and_unwraps(pruned, tmp_path: Path) -> 
     assert result.final_loss < loss_before
     # rank 8 on 7 layer types x 2 blocks: r * (in + out) each
     linears = find_blocks(tuned).all_linears()
-    assert result.trainable_parameters == sum(8 * (l.in_features + l.out_features) for l in linears.values())
-    assert result.targets == 14
+    assert result.details["trainable_parameters"] == sum(8 * (l.in_features + l.out_features) for l in linears.values())
+    assert result.details["targets"] == 14
 
     # exactly as sparse as the pruned model: every pruned weight 0.0, every kept weight moved
     after = _weights(tuned)
@@ -97,7 +98,7 @@ def test_lora_is_seeded(tiny_factory) -> None:
         model = tiny_factory("llama")
         calib = _calib()
         result = prune_and_finetune(model, calib, PruneConfig("magnitude", 0.5), FinetuneConfig(method="none"), CPU)
-        lora_finetune(model, calib, result.masks, _lora(epochs=1, lora_dropout=0.1), CPU, seed=3)
+        lora_finetune(model, calib, result.masks, _lora(epochs=1, options={"dropout": 0.1}), CPU, seed=3)
         outs.append(_weights(model))
     for name in outs[0]:
         assert torch.equal(outs[0][name], outs[1][name]), name
@@ -106,14 +107,14 @@ def test_lora_is_seeded(tiny_factory) -> None:
 def test_lora_targets_subset_and_unknown(pruned) -> None:
     model, masks, calib = pruned
     before = _weights(model)
-    _, result = lora_finetune(model, calib, masks, _lora(epochs=1, lora_targets="q_proj,v_proj"), CPU)
-    assert result.targets == 4
+    _, result = lora_finetune(model, calib, masks, _lora(epochs=1, options={"targets": "q_proj,v_proj"}), CPU)
+    assert result.details["targets"] == 4
     after = _weights(model)
     for name in after:
         changed = not torch.equal(after[name], before[name])
         assert changed == name.endswith(("q_proj", "v_proj")), name
     with pytest.raises(UsageError, match="--lora-targets wq matches no linear layer"):
-        lora_finetune(model, calib, masks, _lora(lora_targets=("wq",)), CPU)
+        lora_finetune(model, calib, masks, _lora(options={"targets": ("wq",)}), CPU)
     assert type(model) is LlamaForCausalLM
 
 
@@ -135,25 +136,30 @@ def test_missing_peft_is_one_line(pruned, monkeypatch: pytest.MonkeyPatch) -> No
 
 
 @pytest.mark.parametrize("kw,fragment", [
-    ({"lora_rank": 0}, "--lora-rank must be a positive"),
-    ({"lora_alpha": 0.0}, "--lora-alpha must be a positive"),
-    ({"lora_alpha": float("nan")}, "--lora-alpha must be a positive"),
-    ({"lora_dropout": 1.0}, "--lora-dropout must be in [0, 1)"),
-    ({"lora_targets": ""}, "--lora-targets expects"),
-    ({"lora_targets": ()}, "--lora-targets expects"),
+    ({"rank": 0}, "--lora-rank must be a positive"),
+    ({"alpha": 0.0}, "--lora-alpha must be a positive"),
+    ({"alpha": float("nan")}, "--lora-alpha must be a positive"),
+    ({"dropout": 1.0}, "--lora-dropout must be in [0, 1)"),
+    ({"targets": ""}, "--lora-targets expects"),
+    ({"targets": ()}, "--lora-targets expects"),
 ])
 def test_config_errors(kw: dict, fragment: str) -> None:
     with pytest.raises(UsageError) as info:
-        _lora(**kw)
+        _lora(options=kw)
     assert fragment in str(info.value)
 
 
 def test_config_roundtrip() -> None:
-    cfg = FinetuneConfig(method="lora", lora_targets=["q_proj", "v_proj"])
-    assert cfg.lora_targets == ("q_proj", "v_proj")
-    assert FinetuneConfig(method="lora", lora_targets="q_proj, v_proj").lora_targets == ("q_proj", "v_proj")
+    cfg = FinetuneConfig(method="lora", options={"targets": ["q_proj", "v_proj"]})
+    assert cfg.options == LoraOptions(targets=("q_proj", "v_proj"))
+    assert FinetuneConfig(method="lora", options=LoraOptions(targets="q_proj, v_proj")).options.targets == (
+        "q_proj", "v_proj")
     with pytest.raises(UsageError, match="choose one of: .*lora"):
         FinetuneConfig(method="lora2")
+    with pytest.raises(UsageError, match="--finetune lora has no option 'rnak'"):
+        FinetuneConfig(method="lora", options={"rnak": 4})
+    with pytest.raises(UsageError, match="takes LoraOptions options, not EBFTOptions"):
+        FinetuneConfig(method="lora", options=EBFTOptions())
 
 
 def test_run_prune_lora(tiny_model_dir: Path, text_file: Path, tmp_path: Path) -> None:
@@ -164,15 +170,15 @@ def test_run_prune_lora(tiny_model_dir: Path, text_file: Path, tmp_path: Path) -
                                                                 max_windows=2),
         device="cpu",
     )
-    report = run_prune(cfg)
-    lora = report["lora"]
-    assert lora["steps"] == 4 and len(lora["losses"]) == 2 and lora["trainable_parameters"] > 0
+    report = run_prune(cfg).to_dict()
+    lora = report["model_stage"]
+    assert lora["steps"] == 4 and len(lora["losses"]) == 2 and lora["details"]["trainable_parameters"] > 0
     assert lora["final_loss"] < lora["init_loss"] and lora["seconds"] > 0
     assert report["sparsity"]["weights_zero"] == pytest.approx(0.5)
     assert report["config"]["finetune"]["method"] == "lora"
     assert "lora" in report["timings"]
     on_disk = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert on_disk["lora"]["steps"] == 4
+    assert on_disk["model_stage"]["steps"] == 4
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
     assert type(model) is LlamaForCausalLM
     linears = find_blocks(model).all_linears()
@@ -193,9 +199,9 @@ def test_cli_lora(tiny_model_dir: Path, text_file: Path, tmp_path: Path, capsys:
     printed = capsys.readouterr().out
     assert "lora:" in printed and "trainable parameters" in printed
     report = json.loads((out / "report.json").read_text())
-    assert report["config"]["finetune"]["lora_rank"] == 4
-    assert report["config"]["finetune"]["lora_alpha"] == 8.0
-    assert report["lora"]["steps"] == 2
+    assert report["config"]["finetune"]["options"]["rank"] == 4
+    assert report["config"]["finetune"]["options"]["alpha"] == 8.0
+    assert report["model_stage"]["steps"] == 2
 
 
 @pytest.mark.parametrize("extra,fragment", [

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from ebft.config import CalibConfig, EvalConfig, FinetuneConfig, PruneConfig, RunConfig
 from ebft.errors import EbftError
 from ebft.models import find_blocks
-from ebft.pipeline import PruneResult, prune_and_finetune
+from ebft.walk import WalkResult, prune_and_finetune
 from ebft.runner import run_prune
 from ebft.sparsity import check_nm, mask_stats
 
@@ -27,7 +27,7 @@ def _calib(n: int = 8, seqlen: int = 16, seed: int = 5) -> torch.Tensor:
     return torch.randint(0, 258, (n, seqlen), generator=torch.Generator().manual_seed(seed))
 
 
-def _run(model: nn.Module, prune: PruneConfig, finetune: FinetuneConfig, n: int = 8) -> PruneResult:
+def _run(model: nn.Module, prune: PruneConfig, finetune: FinetuneConfig, n: int = 8) -> WalkResult:
     return prune_and_finetune(model, _calib(n), prune, finetune, CPU, seed=0)
 
 
@@ -216,7 +216,7 @@ def test_compile_matches_eager_over_blocks(tiny_factory: Callable[..., nn.Module
     for compile_ in (False, True):
         model = tiny_factory("llama", num_hidden_layers=3)
         results.append(prune_and_finetune(model, ids, PruneConfig("wanda", 0.5),
-                                          _ebft(batch_size=4, holdout_fraction=0.15, patience=5, compile=compile_),
+                                          _ebft(batch_size=4, holdout_fraction=0.15, patience=5, options={"compile": compile_}),
                                           CPU))
         states.append(model.state_dict())
         assert all("forward" not in vars(block) for block in find_blocks(model).blocks)
@@ -288,14 +288,14 @@ def _run_config(model_dir: Path, text: Path, out: Path | None, **prune) -> RunCo
 
 def test_run_prune_end_to_end(tiny_model_dir: Path, text_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    returned = run_prune(_run_config(tiny_model_dir, text_file, out))
+    returned = run_prune(_run_config(tiny_model_dir, text_file, out)).to_dict()
     assert sorted(p.name for p in out.iterdir()) == ["model", "report.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no partial folders left behind
     report = json.loads((out / "report.json").read_text())
     assert report == json.loads(json.dumps(returned))
     assert {"config", "blocks", "sparsity", "eval", "timings", "model"} <= set(report)
     assert report["config"]["prune"] == {"pruner": "wanda", "sparsity": 0.5, "nm": None, "structured": None,
-                                         "structured_score": "fluctuation", "percdamp": None}
+                                         "structured_score": "fluctuation", "options": None}
     assert report["config"]["calib"]["nsamples"] == 4
     assert report["model"]["blocks"] == 2
     assert [b["index"] for b in report["blocks"]] == [0, 1]
@@ -326,7 +326,7 @@ def test_run_prune_end_to_end(tiny_model_dir: Path, text_file: Path, tmp_path: P
 def test_run_prune_nm_and_refuses_to_overwrite(tiny_model_dir: Path, text_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     report = run_prune(_run_config(tiny_model_dir, text_file, out, nm=(2, 4)))
-    assert report["config"]["prune"]["nm"] == [2, 4]
+    assert report.config["prune"]["nm"] == [2, 4]
     reloaded = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32)
     for linear in find_blocks(reloaded).all_linears().values():
         assert check_nm(linear.weight.data, 2, 4)
@@ -338,8 +338,8 @@ def test_run_prune_nm_and_refuses_to_overwrite(tiny_model_dir: Path, text_file: 
 
 def test_run_prune_without_out(tiny_model_dir: Path, text_file: Path) -> None:
     report = run_prune(_run_config(tiny_model_dir, text_file, None, pruner="magnitude"))
-    assert "save" not in report["timings"]
-    assert report["sparsity"]["overall"] == 0.5
+    assert "save" not in report.timings and report.saved_bytes is None
+    assert report.sparsity["overall"] == 0.5
 
 
 def test_percdamp_reaches_sparsegpt(tiny_factory: Callable[..., nn.Module]) -> None:
@@ -348,7 +348,7 @@ def test_percdamp_reaches_sparsegpt(tiny_factory: Callable[..., nn.Module]) -> N
     weights = {}
     for damp in (0.01, 0.01, 10.0):
         model = tiny_factory("llama")
-        _run(model, PruneConfig("sparsegpt", 0.5, percdamp=damp), none)
+        _run(model, PruneConfig("sparsegpt", 0.5, options={"percdamp": damp}), none)
         weights.setdefault(damp, []).append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.equal(weights[0.01][0], weights[0.01][1])
     assert not torch.equal(weights[0.01][0], weights[10.0][0])
@@ -357,7 +357,7 @@ def test_percdamp_reaches_sparsegpt(tiny_factory: Callable[..., nn.Module]) -> N
 def test_dsnot_flags_reach_the_tuner() -> None:
     from ebft.finetune.dsnot import DSnoT
 
-    tuner = DSnoT(FinetuneConfig(method="dsnot", dsnot_cycles=3, dsnot_threshold=0.5))
-    assert (tuner.max_cycles, tuner.threshold) == (3, 0.5)
+    tuner = DSnoT(FinetuneConfig(method="dsnot", options={"cycles": 3, "threshold": 0.5}))
+    assert (tuner.options.cycles, tuner.options.threshold) == (3, 0.5)
     tuner = DSnoT(FinetuneConfig(method="dsnot"))
-    assert (tuner.max_cycles, tuner.threshold) == (50, 0.1)
+    assert (tuner.options.cycles, tuner.options.threshold) == (50, 0.1)

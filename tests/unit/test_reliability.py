@@ -23,7 +23,7 @@ from ebft.finetune import FINETUNERS
 from ebft.finetune.base import BlockFinetuner, BlockResult
 from ebft.finetune.ebft import EBFT
 from ebft.models.loading import load_config
-from ebft.pipeline import EarlyStopping, holdout_count, prune_and_finetune, restore_reason
+from ebft.walk import EarlyStopping, holdout_count, prune_and_finetune, restore_reason
 from ebft.runner import count_parameters, run_prune
 
 CPU = torch.device("cpu")
@@ -122,8 +122,9 @@ def test_ebft_stops_when_on_epoch_end_says_so(tiny_llama: nn.Module) -> None:
 
 def test_absurd_lr_is_restored_and_never_worse(tiny_model_dir: Path, text_file: Path, tmp_path: Path) -> None:
     """lr 1e3 makes tuning diverge: the run finishes, the blocks are restored, the model is no worse."""
-    plain = run_prune(_run_config(tiny_model_dir, text_file, tmp_path / "plain", FinetuneConfig(method="none")))
-    wild = run_prune(_run_config(tiny_model_dir, text_file, tmp_path / "wild", _ebft(lr=1e3, epochs=2)))
+    plain = run_prune(_run_config(tiny_model_dir, text_file, tmp_path / "plain",
+                                  FinetuneConfig(method="none"))).to_dict()
+    wild = run_prune(_run_config(tiny_model_dir, text_file, tmp_path / "wild", _ebft(lr=1e3, epochs=2))).to_dict()
     assert any(b["restored"] for b in wild["blocks"])
     for block in wild["blocks"]:
         assert block["holdout_init_loss"] is not None
@@ -325,7 +326,7 @@ def _hold_lock(path: Path):
 
 
 def test_report_records_held_out_losses(tiny_model_dir: Path, text_file: Path, tmp_path: Path) -> None:
-    report = run_prune(_run_config(tiny_model_dir, text_file, tmp_path / "run", _ebft(epochs=2)))
+    report = run_prune(_run_config(tiny_model_dir, text_file, tmp_path / "run", _ebft(epochs=2))).to_dict()
     saved = json.loads((tmp_path / "run" / "report.json").read_text())
     assert saved["config"]["finetune"]["holdout_fraction"] == 0.125 and saved["config"]["finetune"]["patience"] is None
     for block in report["blocks"]:

@@ -17,6 +17,7 @@ from ebft.config import FinetuneConfig, PruneConfig
 from ebft.errors import EbftError, UsageError
 from ebft.models import find_blocks
 from ebft.models.blocks import call_block
+from ebft.walk import prune_and_finetune
 from ebft.structured import (
     BlockLayout,
     ChannelStats,
@@ -29,7 +30,6 @@ from ebft.structured import (
     select_heads,
     shrink_block,
 )
-from ebft.structured_pipeline import structured_prune_and_finetune
 
 CPU = torch.device("cpu")
 
@@ -205,7 +205,7 @@ def test_shapes_config_and_reload(family: str, overrides: dict, tiny_factory, tm
     heads, kv = model.config.num_attention_heads, model.config.num_key_value_heads
     head_dim = model.config.hidden_size // heads
     ids = _calib()
-    result = structured_prune_and_finetune(model, ids, PruneConfig(structured=0.3), _none(), CPU)
+    result = prune_and_finetune(model, ids, PruneConfig(structured=0.3), _none(), CPU)
     s = result.summary
     cfg = model.config
     assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size, cfg.head_dim) == \
@@ -224,7 +224,7 @@ def test_shapes_config_and_reload(family: str, overrides: dict, tiny_factory, tm
         linear_after += sum(p.numel() for m in block.modules() if isinstance(m, nn.Linear) for p in m.parameters())
     assert linear_after == 2 * s["block_linear_params_after"]
     assert s["parameters_after"] == sum(p.numel() for p in model.parameters()) < s["parameters_before"]
-    assert [len(b.kept_heads) for b in result.blocks] == [cfg.num_attention_heads] * 2
+    assert [len(b.compression["kept_heads"]) for b in result.blocks] == [cfg.num_attention_heads] * 2
 
     logits = _logits(model, ids)
     assert torch.isfinite(logits).all()
@@ -240,7 +240,7 @@ def test_zero_removal_is_numerically_identical(family: str, overrides: dict, tin
     model = tiny_factory(family, **overrides)
     original = copy.deepcopy(model)
     ids = _calib()
-    result = structured_prune_and_finetune(model, ids, PruneConfig(structured=0.0), _none(), CPU)
+    result = prune_and_finetune(model, ids, PruneConfig(structured=0.0), _none(), CPU)
     assert result.summary["achieved"] == 0.0
     assert result.summary["parameters_after"] == result.summary["parameters_before"]
     assert all(b.init_loss == 0.0 for b in result.blocks)
@@ -254,7 +254,7 @@ def test_fluctuation_keeps_the_heads_and_channels_it_scores_highest(tiny_factory
     model = tiny_factory("llama")
     reference = copy.deepcopy(model)
     ids = _calib()
-    result = structured_prune_and_finetune(model, ids, PruneConfig(structured=0.3), _none(), CPU)
+    result = prune_and_finetune(model, ids, PruneConfig(structured=0.3), _none(), CPU)
     block = find_blocks(reference).blocks[0]
     seen: dict[str, list[torch.Tensor]] = {"o": [], "down": []}
     hooks = [block.self_attn.o_proj.register_forward_pre_hook(lambda m, a: seen["o"].append(a[0])),
@@ -266,7 +266,7 @@ def test_fluctuation_keeps_the_heads_and_channels_it_scores_highest(tiny_factory
     scores = head_scores(o_in.var(0) * block.self_attn.o_proj.weight.double().pow(2).sum(0), 4)
     s = result.summary
     kept_q, kept_kv = select_heads(scores, 2, s["kv_heads"][1], s["heads"][1] // s["kv_heads"][1])
-    assert result.blocks[0].kept_heads == kept_q and result.blocks[0].kept_kv_heads == kept_kv
+    assert result.blocks[0].compression == {"kept_heads": kept_q, "kept_kv_heads": kept_kv}
     down_in = torch.cat(seen["down"]).reshape(-1, 128).double()
     channels = select_channels(down_in.var(0) * block.mlp.down_proj.weight.double().pow(2).sum(0), s["intermediate"][1])
     shrunk = find_blocks(model).blocks[0].mlp.down_proj.weight
@@ -275,13 +275,13 @@ def test_fluctuation_keeps_the_heads_and_channels_it_scores_highest(tiny_factory
 
 @pytest.mark.parametrize("family,overrides", CASES[:2], ids=IDS[:2])
 def test_ebft_lowers_the_loss_of_every_shrunken_block(family: str, overrides: dict, tiny_factory) -> None:
-    untuned = structured_prune_and_finetune(tiny_factory(family, **overrides), _calib(), PruneConfig(structured=0.3),
+    untuned = prune_and_finetune(tiny_factory(family, **overrides), _calib(), PruneConfig(structured=0.3),
                                             _none(), CPU)
     model = tiny_factory(family, **overrides)
-    tuned = structured_prune_and_finetune(model, _calib(), PruneConfig(structured=0.3),
+    tuned = prune_and_finetune(model, _calib(), PruneConfig(structured=0.3),
                                           _ebft(holdout_fraction=0.0), CPU)
     assert tuned.blocks[0].init_loss == pytest.approx(untuned.blocks[0].init_loss, rel=1e-6)
-    assert tuned.blocks[0].kept_heads == untuned.blocks[0].kept_heads  # same dense inputs, same choice
+    assert tuned.blocks[0].compression == untuned.blocks[0].compression  # same dense inputs, same choice
     for block in tuned.blocks:
         assert block.restored is None and block.steps == 3 * 2
         assert block.final_loss < 0.9 * block.init_loss
@@ -291,7 +291,7 @@ def test_ebft_lowers_the_loss_of_every_shrunken_block(family: str, overrides: di
 def test_magnitude_score_needs_no_activations(tiny_factory) -> None:
     model = tiny_factory("llama")
     w = find_blocks(model).blocks[0].mlp.down_proj.weight.detach().clone()
-    result = structured_prune_and_finetune(model, _calib(), PruneConfig(structured=0.3, structured_score="magnitude"),
+    result = prune_and_finetune(model, _calib(), PruneConfig(structured=0.3, structured_score="magnitude"),
                                            _none(), CPU)
     keep = select_channels(w.double().pow(2).sum(0), result.summary["intermediate"][1])
     torch.testing.assert_close(find_blocks(model).blocks[0].mlp.down_proj.weight, w[:, keep], rtol=0, atol=0)
@@ -299,9 +299,10 @@ def test_magnitude_score_needs_no_activations(tiny_factory) -> None:
 
 def test_unsupported_architecture_and_mask_methods_are_refused(tiny_factory) -> None:
     with pytest.raises(EbftError, match=r"--structured does not support model type 'gemma3_text'; it supports: llama"):
-        structured_prune_and_finetune(tiny_factory("gemma3_text"), _calib(), PruneConfig(structured=0.2), _none(), CPU)
-    with pytest.raises(UsageError, match="--finetune dsnot does not work block by block with --structured"):
-        structured_prune_and_finetune(tiny_factory("llama"), _calib(), PruneConfig(structured=0.2),
+        prune_and_finetune(tiny_factory("gemma3_text"), _calib(), PruneConfig(structured=0.2), _none(), CPU)
+    with pytest.raises(UsageError, match="--finetune dsnot refines pruning masks; with --structured use --finetune "
+                                         "ebft, lora, none"):
+        prune_and_finetune(tiny_factory("llama"), _calib(), PruneConfig(structured=0.2),
                                       FinetuneConfig(method="dsnot"), CPU)
     with pytest.raises(UsageError, match="does not combine with --sparsity or --nm"):
         PruneConfig(structured=0.2, nm=(2, 4))
@@ -339,12 +340,12 @@ def test_cli_run_saves_a_smaller_model_that_reloads(ebft_run: Path, model4: Path
     s = report["structured"]
     assert report["config"]["prune"]["structured"] == 0.3 and report["config"]["prune"]["sparsity"] == 0.0
     assert s["requested"] == 0.3 and abs(s["achieved"] - 0.3) < 0.02 and s["score"] == "fluctuation"
-    assert [b["kept_heads"] for b in report["blocks"]] and all(b["final_loss"] < b["init_loss"] for b in report["blocks"])
+    assert [b["compression"]["kept_heads"] for b in report["blocks"]] and all(b["final_loss"] < b["init_loss"] for b in report["blocks"])
     model = AutoModelForCausalLM.from_pretrained(ebft_run / "model", dtype=torch.float32)
     assert model.config.num_attention_heads == s["heads"][1] and model.config.intermediate_size == s["intermediate"][1]
     assert sum(p.numel() for p in model.parameters()) == s["parameters_after"]
     size = (ebft_run / "model" / "model.safetensors").stat().st_size
-    assert s["model_file_bytes"] == size < (model4 / "model.safetensors").stat().st_size
+    assert report["saved_bytes"] == size < (model4 / "model.safetensors").stat().st_size
     assert report["eval"] and all(v == v for v in report["eval"].values())
 
 
@@ -355,7 +356,7 @@ def test_cli_lora_on_the_structured_model(model4: Path, text_file: Path, tmp_pat
     printed = capsys.readouterr().out
     assert "removed 29." in printed and "lora:" in printed
     report = json.loads((out / "report.json").read_text())
-    assert report["lora"]["steps"] == 2 * 3 and report["lora"]["final_loss"] < report["lora"]["init_loss"]
+    assert report["model_stage"]["steps"] == 2 * 3 and report["model_stage"]["final_loss"] < report["model_stage"]["init_loss"]
     assert all(b["steps"] == 0 for b in report["blocks"])
     model = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32)
     assert sum(p.numel() for p in model.parameters()) == report["structured"]["parameters_after"]
@@ -376,5 +377,5 @@ def test_resume_after_an_interruption_is_bitwise_identical(model4: Path, text_fi
     report = json.loads((out / "report.json").read_text())
     assert report["resumed"] == [2]
     expected = json.loads((ebft_run / "report.json").read_text())
-    assert [b["kept_heads"] for b in report["blocks"]] == [b["kept_heads"] for b in expected["blocks"]]
+    assert [b["compression"]["kept_heads"] for b in report["blocks"]] == [b["compression"]["kept_heads"] for b in expected["blocks"]]
     assert report["eval"] == expected["eval"]

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import ebft.sweep
+import ebft.sweep.runner
 from ebft import plots
 from ebft.cli import main
 from ebft.errors import UsageError
@@ -105,14 +106,14 @@ def test_pruner_and_method_settings_reach_only_their_cells(tiny_model_dir: Path,
     assert len(sweep.cells) == 6
     by_id = {c.id: c for c in sweep.cells}
     wanda = by_id["tiny-llama.wanda.s50.dsnot.text-pydoc.txt.n4.len32.seed0.b2"]
-    assert "percdamp" not in wanda.settings and wanda.config.prune.percdamp is None
-    assert wanda.config.finetune.dsnot_cycles == 3 and wanda.config.finetune.dsnot_threshold == 0.5
+    assert "percdamp" not in wanda.settings and wanda.config.prune.options is None
+    assert wanda.config.finetune.options.cycles == 3 and wanda.config.finetune.options.threshold == 0.5
     gpt = by_id["tiny-llama.sparsegpt.s50.none.text-pydoc.txt.n4.len32.seed0.percdamp-0.1"]
-    assert gpt.config.prune.percdamp == 0.1 and "dsnot_cycles" not in gpt.settings
-    assert gpt.config.finetune.dsnot_cycles is None
+    assert gpt.config.prune.options.percdamp == 0.1 and "dsnot_cycles" not in gpt.settings
+    assert gpt.config.finetune.options is None
     assert by_id["tiny-llama.sparsegpt.s50.dsnot.text-pydoc.txt.n4.len32.seed0.b2.percdamp-0.01"] \
-        .config.prune.percdamp == 0.01
-    assert "compile" not in gpt.settings and not wanda.config.finetune.compile
+        .config.prune.options.percdamp == 0.01
+    assert "compile" not in gpt.settings and "compile" not in wanda.settings
     config.write_text(config.read_text(encoding="utf-8").replace("0.01, 0.1", "0.01, -1"), encoding="utf-8")
     with pytest.raises(UsageError, match=r"grid\.percdamp.*>= 0"):
         load_sweep(config)
@@ -132,7 +133,7 @@ def test_dsnot_cells_collapse_across_the_training_settings_they_ignore(tiny_mode
     assert "lr" not in dsnot.settings and "epochs" not in dsnot.settings and dsnot.config.finetune.batch_size == 2
     run_sweep(sweep)
     source = sweep.eval.sources[0]
-    value = {c.settings["finetune"] + str(c.settings.get("lr", "")): read_cell(sweep.cell_path(c.id))["report"]["eval"]
+    value = {c.settings["finetune"] + str(c.settings.get("lr", "")): read_cell(sweep.cell_path(c.id)).report.eval
              [source] for c in sweep.cells}
     summary = (tmp_path / "out" / "summary.md").read_text(encoding="utf-8")
     assert "| pruner | sparsity | lr | none | dsnot | ebft |" in summary
@@ -156,7 +157,7 @@ def test_compile_reaches_ebft_cells_and_older_records_still_count(finished: Path
     on = finished.read_text(encoding="utf-8").replace("  epochs: 1\n", "  epochs: 1\n  compile: true\n")
     (tmp_path / "on.yaml").write_text(on, encoding="utf-8")
     compiled = load_sweep(tmp_path / "on.yaml")
-    assert next(c for c in compiled.cells if c.id == ebft_cell.id).config.finetune.compile is True
+    assert next(c for c in compiled.cells if c.id == ebft_cell.id).config.finetune.options.compile is True
     with pytest.raises(UsageError, match="compile was False, now True"):
         ebft.sweep.plan_sweep(compiled)
 
@@ -227,10 +228,9 @@ def test_study_configs_are_valid(name: str) -> None:
 def test_sweep_writes_cells_summary_and_plots(finished: Path) -> None:
     sweep = load_sweep(finished)
     out = sweep.out
-    records = {c.id: read_cell(out / "cells" / f"{c.id}.json") for c in sweep.cells}
-    assert all(r is not None for r in records.values())
-    dense = read_cell(out / "cells" / "dense.tiny-llama.json")
-    assert dense is not None and dense["kind"] == "dense"
+    records = {c.id: read_cell(out / "cells" / f"{c.id}.json").to_dict() for c in sweep.cells}
+    dense = read_cell(out / "cells" / "dense.tiny-llama.json").to_dict()
+    assert dense["kind"] == "dense"
     source = sweep.eval.sources[0]
     summary = (out / "summary.md").read_text(encoding="utf-8")
     for cell in sweep.cells:
@@ -261,8 +261,8 @@ def test_cells_equal_standalone_runs(finished: Path, tiny_model_dir: Path) -> No
     sweep = load_sweep(finished)
     for cell in sweep.cells[-2:]:  # the last cells ran on a model that earlier cells had pruned
         loaded = load_model(str(tiny_model_dir))
-        report = run_prune(cell.config, model_and_tokenizer=(loaded.model, loaded.tokenizer))
-        record = read_cell(sweep.cell_path(cell.id))
+        report = run_prune(cell.config, model_and_tokenizer=(loaded.model, loaded.tokenizer)).to_dict()
+        record = read_cell(sweep.cell_path(cell.id)).to_dict()
         assert record["report"]["eval"] == report["eval"]
         assert [b["final_loss"] for b in record["report"]["blocks"]] == [b["final_loss"] for b in report["blocks"]]
 
@@ -271,7 +271,7 @@ def test_interrupted_sweep_resumes_without_recomputing(tiny_model_dir: Path, tex
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     config = _config(tmp_path, tiny_model_dir, text_file, GRID)
     calls: list[str] = []
-    real = ebft.sweep.run_prune
+    real = ebft.sweep.runner.run_prune
 
     def crashing(cfg, **kwargs):
         calls.append(f"{cfg.prune.sparsity}/{cfg.finetune.method}")
@@ -279,7 +279,7 @@ def test_interrupted_sweep_resumes_without_recomputing(tiny_model_dir: Path, tex
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C inside the second cell
         return real(cfg, **kwargs)
 
-    monkeypatch.setattr(ebft.sweep, "run_prune", crashing)
+    monkeypatch.setattr(ebft.sweep.runner, "run_prune", crashing)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(load_sweep(config))
     cells = tmp_path / "out" / "cells"
@@ -294,7 +294,7 @@ def test_interrupted_sweep_resumes_without_recomputing(tiny_model_dir: Path, tex
     dense_stamp = (cells / "dense.tiny-llama.json").stat().st_mtime_ns
 
     calls.clear()
-    monkeypatch.setattr(ebft.sweep, "run_prune", lambda cfg, **kw: (calls.append(
+    monkeypatch.setattr(ebft.sweep.runner, "run_prune", lambda cfg, **kw: (calls.append(
         f"{cfg.prune.sparsity}/{cfg.finetune.method}"), real(cfg, **kw))[1])
     result = run_sweep(load_sweep(config))
     assert len(calls) == 3 and "0.5/none" not in calls  # the finished first cell was not run again
@@ -319,7 +319,7 @@ def test_sigterm_stops_a_sweep_cleanly(tiny_model_dir: Path, text_file: Path, tm
         time.sleep(30)  # the handler raises before this ends
         raise AssertionError("SIGTERM did not interrupt the cell")
 
-    monkeypatch.setattr(ebft.sweep, "run_prune", killed)
+    monkeypatch.setattr(ebft.sweep.runner, "run_prune", killed)
     previous = signal.getsignal(signal.SIGTERM)
     assert main(["sweep", str(config), "--quiet"]) == 143
     assert capsys.readouterr().err.strip().splitlines()[-1] == "terminated"
@@ -421,7 +421,7 @@ def test_zeroshot_and_calibration_tables(tiny_model_dir: Path, text_file: Path, 
     header = next(line for line in summary.splitlines() if line.startswith("| pruner | sparsity | finetune | rte"))
     assert header == "| pruner | sparsity | finetune | rte | boolq | mean | s.e. |"
     for cell in sweep.cells:
-        zs = read_cell(sweep.cell_path(cell.id))["zeroshot"]
+        zs = read_cell(sweep.cell_path(cell.id)).zeroshot
         assert zs["limit"] == 3 and set(zs["tasks"]) == {"rte", "boolq"}
         assert f"{100 * zs['mean_acc']:.2f} |" in summary
     dense = json.loads((tmp_path / "out" / "cells" / "dense.tiny-llama.json").read_text())

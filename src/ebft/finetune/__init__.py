@@ -1,8 +1,27 @@
-"""Block-wise repair methods, registered by name (``--finetune``)."""
+"""Repair methods, registered by name (``--finetune``): block fine-tuners and whole-model fine-tuners.
 
-from ebft.finetune import dsnot as _dsnot  # noqa: F401  (registers "dsnot")
-from ebft.finetune import ebft as _ebft  # noqa: F401  (registers "ebft")
-from ebft.finetune import ebft_mask as _ebft_mask  # noqa: F401  (registers "ebft-mask")
-from ebft.finetune.base import FINETUNERS, BlockFinetuner, BlockResult, register_finetuner
+Every module in this package is imported here, so a new method is one new file holding a
+``@register_finetuner("name")`` subclass of :class:`BlockFinetuner` or :class:`ModelFinetuner`.
+"""
 
-__all__ = ["FINETUNERS", "BlockFinetuner", "BlockResult", "register_finetuner"]
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from ebft.finetune.base import (
+    FINETUNERS,
+    BlockFinetuner,
+    BlockResult,
+    ModelFinetuner,
+    ModelResult,
+    make_finetuner,
+    reads,
+    register_finetuner,
+)
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")):
+    importlib.import_module(f"{__name__}.{_module}")
+
+__all__ = ["FINETUNERS", "BlockFinetuner", "BlockResult", "ModelFinetuner", "ModelResult", "make_finetuner", "reads",
+           "register_finetuner"]

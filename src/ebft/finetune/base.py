@@ -1,10 +1,17 @@
-"""The block fine-tuner interface, its registry and the block forward helpers they share."""
+"""The repair methods' registry and their two interfaces: block fine-tuners and whole-model fine-tuners.
+
+A **block** fine-tuner (:class:`BlockFinetuner`: EBFT, mask tuning, DSnoT) repairs one pruned block
+at a time inside the block walk (:mod:`ebft.walk`), towards the dense block's outputs. A **model**
+fine-tuner (:class:`ModelFinetuner`: LoRA) runs once the walk has pruned every block, on the whole
+model. Both register with :func:`register_finetuner`, each with the dataclass of the options only
+it reads; ``--finetune NAME`` picks one, and ``none`` is pruning alone.
+"""
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,41 +20,67 @@ from torch import nn
 
 from ebft.errors import EbftError
 
-FINETUNERS: dict[str, type[BlockFinetuner] | None] = {"none": None}
+#: ``--finetune`` name -> class (``none``: no repair, pruning alone).
+FINETUNERS: dict[str, type[BlockFinetuner] | type[ModelFinetuner] | None] = {"none": None}
 
 
-def register_finetuner(name: str) -> Callable[[type], type]:
+def register_finetuner(name: str, options: type | None = None) -> Callable[[type], type]:
+    """Class decorator: register a :class:`BlockFinetuner` or :class:`ModelFinetuner` under ``name``.
+
+    ``options``: the dataclass of the settings only this method reads (fields declared with
+    :func:`ebft.settings.setting`); they become ``--NAME-FIELD`` flags and sweep keys, and the method
+    finds their values in ``self.options``.
+    """
+
     def wrap(cls: type) -> type:
-        FINETUNERS[name] = cls
+        if not (isinstance(cls, type) and issubclass(cls, (BlockFinetuner, ModelFinetuner))):
+            raise TypeError(f"@register_finetuner({name!r}) must decorate a BlockFinetuner or ModelFinetuner")
+        if FINETUNERS.get(name, cls) is not cls:
+            raise ValueError(f"a fine-tuner named {name!r} is already registered")
         cls.name = name
+        cls.Options = options
+        FINETUNERS[name] = cls
         return cls
 
     return wrap
 
 
-@contextlib.contextmanager
-def compiled_forward(block: nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Within the block, ``block.forward`` is ``torch.compile``d (its backward too, by AOTAutograd).
+def make_finetuner(config: Any, seed: int = 0) -> BlockFinetuner | ModelFinetuner | None:
+    """The fine-tuner ``config.method`` (a FinetuneConfig) names, or ``None`` for ``none``."""
+    cls = FINETUNERS[config.method]
+    return None if cls is None else cls(config, seed=seed)
 
-    Compiled code is cached by the forward's code, so every later block of the same class reuses the
-    first block's compilation (plus one recompile for a partial last batch). A compiler failure (no
-    C++ compiler, an unsupported platform) surfaces at the first step as an :class:`EbftError`.
-    """
-    if not enabled:
-        yield
-        return
-    block.forward = torch.compile(block.forward)
-    try:
-        yield
-    except Exception as exc:
-        if type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
-            inner = getattr(exc, "inner_exception", None) or exc  # BackendCompilerFailed wraps the cause
-            text = str(inner).strip()
-            reason = f"{type(inner).__name__}: {text.splitlines()[0]}" if text else type(inner).__name__
-            raise EbftError(f"torch.compile failed ({reason}); run without --compile") from exc
-        raise
-    finally:
-        del block.forward  # the class's forward again
+
+def reads(method: str) -> frozenset[str] | None:
+    """The common training settings (``FinetuneConfig`` fields) that ``method`` reads; ``None``: all of them."""
+    cls = FINETUNERS[method]
+    return frozenset() if cls is None else cls.reads
+
+
+class _Method:
+    """What both kinds share: the common training settings, the method's own options and a seed."""
+
+    name = "base"
+    kind = ""
+    Options: type | None = None  # set by @register_finetuner
+    #: the common training settings this method reads (None: all); sweeps collapse cells over the others
+    reads: frozenset[str] | None = None
+
+    def __init__(self, config: Any, seed: int = 0, **option_values: Any) -> None:
+        """``config``: a FinetuneConfig (its ``options`` are this method's); ``option_values`` replace some."""
+        self.config = config
+        self.seed = seed
+        options = getattr(config, "options", None)
+        if self.Options is not None and not isinstance(options, self.Options):
+            options = self.Options()
+        self.options = dataclasses.replace(options, **option_values) if option_values else options
+        #: under torchrun, the job's :class:`ebft.distributed.DistContext`: tuners that train with
+        #: :func:`ebft.finetune.loop.train_steps` pass it on; the others run whole on every process
+        self.dist: Any = None
+
+    @classmethod
+    def check_available(cls) -> None:
+        """Fail with a one-line error if something the method needs is missing (before any model loads)."""
 
 
 @dataclass
@@ -61,19 +94,13 @@ class BlockResult:
     restored: str | None = None  # why the untuned weights were put back, if they were
 
 
-class BlockFinetuner:
+class BlockFinetuner(_Method):
     """Repairs one pruned block so that its outputs match the dense block's (``targets``)."""
 
-    name = "base"
+    kind = "block"
     needs_dense_weights = False  # whether tune() wants the block's weights from before pruning
-    supports_early_stopping = False  # whether tune() takes on_epoch_end (the pipeline's --patience)
-
-    def __init__(self, config: Any, seed: int = 0) -> None:
-        self.config = config
-        self.seed = seed
-        #: under torchrun, the job's :class:`ebft.distributed.DistContext`: tuners that train with
-        #: :func:`ebft.finetune.loop.train_steps` pass it on; the others run whole on every process
-        self.dist: Any = None
+    supports_early_stopping = False  # whether tune() takes on_epoch_end (the walk's --patience)
+    refines_masks = False  # whether tune() changes the masks (then a structured walk cannot use it)
 
     def tune(
         self,
@@ -96,13 +123,57 @@ class BlockFinetuner:
         """For tuners that need dense weights: the block's parameters by name, for each masked weight
         the module that owns it, and ``dense_weights``. Raises when they or a masked name are missing."""
         if dense_weights is None:
-            raise EbftError(f"{self.name} needs the block's dense weights; the pipeline did not pass them")
+            raise EbftError(f"{self.name} needs the block's dense weights; the walk did not pass them")
         params = dict(block.named_parameters())
         missing = [key for key in masks if key not in params or key not in dense_weights]
         if missing:
             raise KeyError(f"masks name parameters the block or its dense weights lack: {missing[:3]}")
         modules = {key: block.get_submodule(key.removesuffix(".weight")) for key in masks}
         return params, modules, dense_weights
+
+
+@dataclass
+class ModelResult:
+    """What a whole-model fine-tuner did: its losses before and after (on the calibration windows)."""
+
+    method: str
+    loss: str  # what ``init_loss`` and ``final_loss`` measure, e.g. "causal-LM loss"
+    init_loss: float = float("nan")
+    final_loss: float = float("nan")
+    losses: list[float] = field(default_factory=list)  # mean training loss of each epoch
+    steps: int = 0
+    seconds: float = 0.0
+    restored: str | None = None  # why the model stayed as the walk left it, if it did
+    details: dict[str, Any] = field(default_factory=dict)  # method-specific figures (trainable parameters, ...)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def summary(self) -> str:
+        """One line for the console and the report page."""
+        extra = "".join(f", {k.replace('_', ' ')} {v}" for k, v in self.details.items() if not isinstance(v, dict))
+        tail = f"; {self.restored}" if self.restored else ""
+        return (f"{self.method}: {self.steps} steps{extra}, {self.loss} {self.init_loss:.4f} -> "
+                f"{self.final_loss:.4f}{tail}")
+
+
+class ModelFinetuner(_Method):
+    """Repairs the whole pruned model after the block walk (masks kept: a pruned weight stays exactly 0.0)."""
+
+    kind = "model"
+
+    def check(self, model: nn.Module) -> None:
+        """Everything about ``model`` that can fail before pruning starts."""
+
+    def tune_model(
+        self,
+        model: nn.Module,  # pruned, on the CPU
+        calib_ids: torch.Tensor,  # [nsamples, seqlen] token ids
+        masks: Any,  # full module name -> bool keep-mask (a Mapping, e.g. PackedMasks)
+        device: torch.device,
+    ) -> tuple[nn.Module, ModelResult]:
+        """Tune ``model``; returns the (plain, unwrapped) model, on the CPU, and what was done."""
+        raise NotImplementedError
 
 
 MaskedState = dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (keep-mask, weight)

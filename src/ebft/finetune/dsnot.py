@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ebft.errors import EbftError
+from ebft.errors import EbftError, UsageError
 from ebft.finetune.base import (
     BlockFinetuner,
     BlockResult,
@@ -49,11 +49,12 @@ from ebft.finetune.base import (
     set_mask_,
 )
 from ebft.models.blocks import record_inputs, run_block
+from ebft.settings import check_finite, setting
 from ebft.sparsity.patterns import detect_nm
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DSnoT", "FeatureStats", "dsnot_mask", "expected_error"]
+__all__ = ["DSnoT", "DSnoTOptions", "FeatureStats", "dsnot_mask", "expected_error"]
 
 _VAR_EPS = 1e-12
 
@@ -159,32 +160,34 @@ def dsnot_mask(
     return keep, swaps
 
 
-@register_finetuner("dsnot")
+@dataclass
+class DSnoTOptions:
+    """What only ``--finetune dsnot`` reads."""
+
+    cycles: int = setting(50, help="most prune-and-grow swaps per output row")
+    threshold: float = setting(0.1, help="a row stops swapping once |its expected output error| is below this")
+    var_power: float = setting(1.0, help="exponent of the input variance that divides the growing criterion")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.cycles, bool) or not isinstance(self.cycles, int) or self.cycles < 1:
+            raise UsageError(f"--dsnot-cycles must be a positive whole number; got {self.cycles!r}")
+        check_finite(self.threshold, "--dsnot-threshold", "a number >= 0", low=0.0)
+        check_finite(self.var_power, "--dsnot-var-power", "a number >= 0", low=0.0)
+
+
+@register_finetuner("dsnot", options=DSnoTOptions)
 class DSnoT(BlockFinetuner):
     """Training-free mask repair (:func:`dsnot_mask`) of every linear layer of a block.
 
     Masks are updated in place in the ``masks`` tensors given to :meth:`tune`; the block's weights
     become the dense weights under the new masks. If that does not lower the block's output MSE
     against ``targets``, masks and weights are put back and ``restored`` says so, so that the
-    masks stay those of the weights the pipeline keeps.
+    masks stay those of the weights the walk keeps.
     """
 
     needs_dense_weights = True
-
-    def __init__(
-        self,
-        config: Any,
-        seed: int = 0,
-        max_cycles: int = 50,
-        threshold: float = 0.1,
-        var_power: float = 1.0,
-    ) -> None:
-        super().__init__(config, seed)
-        # the config's settings (--dsnot-cycles, --dsnot-threshold) win over the constructor's defaults
-        cycles, limit = getattr(config, "dsnot_cycles", None), getattr(config, "dsnot_threshold", None)
-        self.max_cycles = int(max_cycles if cycles is None else cycles)
-        self.threshold = float(threshold if limit is None else limit)
-        self.var_power = float(var_power)
+    refines_masks = True
+    reads = frozenset({"batch_size", "holdout_fraction"})  # its forward passes, and the windows it may see
 
     def tune(
         self,
@@ -197,7 +200,7 @@ class DSnoT(BlockFinetuner):
         dense_weights: dict[str, torch.Tensor] | None = None,
     ) -> BlockResult:
         params, modules, dense_weights = self.masked_layers(block, masks, dense_weights)
-        batch_size = int(getattr(self.config, "batch_size", 8))
+        batch_size = self.config.batch_size
         start = time.perf_counter()
         result = BlockResult(tokens=inputs.shape[0] * inputs.shape[1])
 
@@ -212,7 +215,8 @@ class DSnoT(BlockFinetuner):
                 dense = dense_weights[key].to(weight.device)
                 stats = accumulators[key].stats()
                 nm = detect_nm(mask)
-                new_keep, swaps = dsnot_mask(dense, mask, stats, nm, self.max_cycles, self.threshold, self.var_power)
+                opts = self.options
+                new_keep, swaps = dsnot_mask(dense, mask, stats, nm, opts.cycles, opts.threshold, opts.var_power)
                 err_before += float(expected_error(dense, mask, stats.mean).abs().sum())
                 err_after += float(expected_error(dense, new_keep, stats.mean).abs().sum())
                 set_mask_(mask, weight, new_keep, dense)

@@ -8,23 +8,65 @@ weight is exactly 0.0 throughout.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ebft.finetune.base import BlockFinetuner, BlockResult, compiled_forward, register_finetuner
+from ebft.errors import EbftError, UsageError
+from ebft.finetune.base import BlockFinetuner, BlockResult, register_finetuner
 from ebft.finetune.loop import block_mse_loss, train_steps
 from ebft.models.blocks import block_device
 from ebft.precision import resolve_precision
+from ebft.settings import setting
 
 logger = logging.getLogger(__name__)
 
 
-@register_finetuner("ebft")
+@contextlib.contextmanager
+def compiled_forward(block: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Within the block, ``block.forward`` is ``torch.compile``d (its backward too, by AOTAutograd).
+
+    Compiled code is cached by the forward's code, so every later block of the same class reuses the
+    first block's compilation (plus one recompile for a partial last batch). A compiler failure (no
+    C++ compiler, an unsupported platform) surfaces at the first step as an :class:`EbftError`.
+    """
+    if not enabled:
+        yield
+        return
+    block.forward = torch.compile(block.forward)
+    try:
+        yield
+    except Exception as exc:
+        if type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            inner = getattr(exc, "inner_exception", None) or exc  # BackendCompilerFailed wraps the cause
+            text = str(inner).strip()
+            reason = f"{type(inner).__name__}: {text.splitlines()[0]}" if text else type(inner).__name__
+            raise EbftError(f"torch.compile failed ({reason}); run without --compile") from exc
+        raise
+    finally:
+        del block.forward  # the class's forward again
+
+
+@dataclass
+class EBFTOptions:
+    """What only ``--finetune ebft`` reads."""
+
+    compile: bool = setting(False, key="compile",
+                            help="torch.compile each block's training step (fuses norms, activations and casts; the "
+                                 "first block pays a compile of some seconds, the others reuse it)")
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.compile, bool):
+            raise UsageError(f"compile must be true or false; got {self.compile!r}")
+
+
+@register_finetuner("ebft", options=EBFTOptions)
 class EBFT(BlockFinetuner):
     """Block-wise reconstruction fine-tuning of all of a block's parameters (config: FinetuneConfig)."""
 
@@ -75,7 +117,7 @@ class EBFT(BlockFinetuner):
         start = time.perf_counter()
         block.train(False)  # no dropout: targets were computed in eval mode
         try:
-            with compiled_forward(block, cfg.compile):
+            with compiled_forward(block, self.options.compile):
                 result.tokens = train_steps(
                     trainable, cfg, device, precision, inputs.shape[0], self.seed * 1_000_003 + index,
                     block_mse_loss(block, inputs, targets, block_kwargs, device, precision), result,

@@ -36,9 +36,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -58,11 +58,12 @@ from ebft.finetune.base import (
 from ebft.finetune.loop import block_mse_loss, train_steps
 from ebft.models.blocks import block_device, run_block
 from ebft.precision import resolve_precision
+from ebft.settings import check_finite, setting
 from ebft.sparsity.patterns import MaskStructure, detect_structure, topk_mask
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EBFTMask", "init_scores", "masked_weights", "ste_mask"]
+__all__ = ["EBFTMask", "EBFTMaskOptions", "init_scores", "masked_weights", "ste_mask"]
 
 TIE_BREAK = 0.5  # |W| tie-break span of the initial scores, as a fraction of the margin
 
@@ -131,21 +132,27 @@ def masked_weights(
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
 
 
-@register_finetuner("ebft-mask")
+@dataclass
+class EBFTMaskOptions:
+    """What only ``--finetune ebft-mask`` reads."""
+
+    margin: float = setting(1e-2, help="initial score gap between kept and pruned weights, in units of AdamW steps "
+                                       "of size --lr (see ebft.finetune.ebft_mask)")
+
+    def __post_init__(self) -> None:
+        check_finite(self.margin, "--ebft-mask-margin", "a positive number", low=0.0, low_open=True)
+
+
+@register_finetuner("ebft-mask", options=EBFTMaskOptions)
 class EBFTMask(BlockFinetuner):
     """Learns the keep-masks of a block's linear layers over its dense weights (config: FinetuneConfig).
 
-    ``margin``: the initial score gap between kept and pruned weights, in units of AdamW steps of
-    size ``lr`` (see the module docstring).
+    ``margin`` (its option): the initial score gap between kept and pruned weights, in units of AdamW
+    steps of size ``lr`` (see the module docstring).
     """
 
     needs_dense_weights = True
-
-    def __init__(self, config: Any, seed: int = 0, margin: float = 1e-2) -> None:
-        super().__init__(config, seed)
-        if not (math.isfinite(margin) and margin > 0):
-            raise ValueError(f"ebft-mask margin must be a positive number; got {margin!r}")
-        self.margin = float(margin)
+    refines_masks = True
 
     def tune(
         self,
@@ -170,7 +177,7 @@ class EBFTMask(BlockFinetuner):
         dense = {key: dense_weights[key].to(device=params[key].device, dtype=params[key].dtype) for key in masks}
         structures = {key: detect_structure(mask) for key, mask in masks.items()}
         scores = {
-            key: init_scores(mask.to(params[key].device), dense[key], self.margin).requires_grad_(True)
+            key: init_scores(mask.to(params[key].device), dense[key], self.options.margin).requires_grad_(True)
             for key, mask in masks.items()
         }
 

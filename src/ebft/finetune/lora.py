@@ -20,7 +20,8 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,37 +29,43 @@ from torch import nn
 
 from ebft.config import FinetuneConfig
 from ebft.errors import EbftError, UsageError
+from ebft.finetune.base import ModelFinetuner, ModelResult, register_finetuner
 from ebft.finetune.loop import train_steps
 from ebft.models.adapter import find_blocks
 from ebft.precision import autocast_context, resolve_precision
+from ebft.settings import check_finite, setting
 
 logger = logging.getLogger(__name__)
 
 
+#: LoRA's default targets: every linear layer of a decoder block (attention and MLP).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 @dataclass
-class LoraResult:
-    """What LoRA fine-tuning did; ``losses`` is the mean training loss of each epoch."""
+class LoraOptions:
+    """What only ``--finetune lora`` reads."""
 
-    losses: list[float] = field(default_factory=list)
-    steps: int = 0
-    seconds: float = 0.0
-    trainable_parameters: int = 0
-    targets: int = 0  # number of linear layers with adapters
-    init_loss: float = float("nan")  # causal-LM loss on the calibration windows before LoRA
-    final_loss: float = float("nan")  # the same after merging and re-masking
-    restored: str | None = None  # why the adapters were dropped instead of merged, if they were
+    rank: int = setting(8, help="adapter rank")
+    alpha: float = setting(16.0, help="adapter scale numerator: the update is alpha/rank * BA")
+    dropout: float = setting(0.0, help="dropout on the adapters' inputs, in [0, 1)")
+    targets: tuple[str, ...] = setting(LORA_TARGETS, kind="names", metavar="NAMES",
+                                       help="comma-separated decoder-block linear layers that get adapters")
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "seconds": self.seconds,
-            "steps": self.steps,
-            "losses": self.losses,
-            "trainable_parameters": self.trainable_parameters,
-            "targets": self.targets,
-            "init_loss": self.init_loss,
-            "final_loss": self.final_loss,
-            "restored": self.restored,
-        }
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise UsageError(f"--lora-rank must be a positive whole number; got {self.rank!r}")
+        check_finite(self.alpha, "--lora-alpha", "a positive number", low=0.0, low_open=True)
+        check_finite(self.dropout, "--lora-dropout", "in [0, 1)", low=0.0, high=1.0)
+        if isinstance(self.targets, str):
+            self.targets = tuple(t.strip() for t in self.targets.split(","))
+        if isinstance(self.targets, list):
+            self.targets = tuple(self.targets)
+        if not isinstance(self.targets, tuple) or not self.targets or not all(
+                isinstance(t, str) and t.strip() and "," not in t for t in self.targets):
+            raise UsageError(
+                f"--lora-targets expects comma-separated layer names such as q_proj,v_proj; got {self.targets!r}"
+            )
 
 
 def import_peft() -> Any:
@@ -82,12 +89,6 @@ def lora_target_names(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
             f"they have: {','.join(sorted(present))}"
         )
     return names
-
-
-def check_lora(model: nn.Module, cfg: FinetuneConfig) -> None:
-    """Everything that can fail before pruning: peft is installed and the targets exist."""
-    import_peft()
-    lora_target_names(model, cfg.lora_targets)
 
 
 @torch.no_grad()
@@ -126,20 +127,23 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
 def lora_finetune(
     model: nn.Module,
     calib_ids: torch.Tensor,  # [nsamples, seqlen] token ids
-    masks: dict[str, torch.Tensor],  # full module name -> bool keep-mask
+    masks: Mapping[str, torch.Tensor],  # full module name -> bool keep-mask
     cfg: FinetuneConfig,
     device: torch.device,
     seed: int = 0,
-) -> tuple[nn.Module, LoraResult]:
+    options: LoraOptions | None = None,
+) -> tuple[nn.Module, ModelResult]:
     """Train LoRA adapters on the whole pruned ``model``, merge them, re-apply ``masks``.
 
     Returns the plain model (no ``peft`` wrappers left; the same object as ``model``, on the CPU) and
     what training did. ``cfg.epochs`` counts passes over all windows, ``cfg.batch_size`` windows make a step.
+    ``options`` default to ``cfg.options``.
     """
     peft = import_peft()
-    target_names = lora_target_names(model, cfg.lora_targets)
+    opts = options if options is not None else cfg.options if isinstance(cfg.options, LoraOptions) else LoraOptions()
+    target_names = lora_target_names(model, opts.targets)
     precision = resolve_precision(cfg.precision, device)
-    result = LoraResult(targets=len(target_names))
+    result = ModelResult("lora", "causal-LM loss", details={"targets": len(target_names)})
     start = time.perf_counter()
 
     model.requires_grad_(False)
@@ -148,9 +152,9 @@ def lora_finetune(
 
     torch.manual_seed(seed)  # the adapters' A matrices are initialised randomly
     lora_config = peft.LoraConfig(
-        r=cfg.lora_rank,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
+        r=opts.rank,
+        lora_alpha=opts.alpha,
+        lora_dropout=opts.dropout,
         target_modules=target_names,  # full names: exactly these layers, never lm_head or the embeddings
         bias="none",
         task_type="CAUSAL_LM",
@@ -162,9 +166,9 @@ def lora_finetune(
     merged = False
     try:
         trainable = [p for p in peft_model.parameters() if p.requires_grad]
-        result.trainable_parameters = sum(p.numel() for p in trainable)
+        result.details["trainable_parameters"] = sum(p.numel() for p in trainable)
         logger.info("lora: rank %d on %d layers, %d trainable parameters, precision %s",
-                    cfg.lora_rank, len(target_names), result.trainable_parameters, precision)
+                    opts.rank, len(target_names), result.details["trainable_parameters"], precision)
         _train(peft_model, trainable, calib_ids, cfg, device, precision, seed, result)
         if result.restored is None:
             model = peft_model.merge_and_unload()
@@ -198,7 +202,7 @@ def _train(
     device: torch.device,
     precision: str,
     seed: int,
-    result: LoraResult,
+    result: ModelResult,
 ) -> None:
     """The training loop; fills ``result`` (stops early, setting ``result.restored``, on a non-finite loss)."""
 
@@ -219,3 +223,20 @@ def _train(
                     on_epoch_end=epoch_end)
     finally:
         model.train(was_training)
+
+
+@register_finetuner("lora", options=LoraOptions)
+class LoRA(ModelFinetuner):
+    """The whole-model baseline: LoRA adapters trained with the causal-LM loss, merged, masks re-applied."""
+
+    @classmethod
+    def check_available(cls) -> None:
+        import_peft()
+
+    def check(self, model: nn.Module) -> None:
+        import_peft()
+        lora_target_names(model, self.options.targets)
+
+    def tune_model(self, model: nn.Module, calib_ids: torch.Tensor, masks: Mapping[str, torch.Tensor],
+                   device: torch.device) -> tuple[nn.Module, ModelResult]:
+        return lora_finetune(model, calib_ids, masks, self.config, device, seed=self.seed, options=self.options)

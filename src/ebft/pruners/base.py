@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar, TypeVar
+import dataclasses
+from typing import Any, Callable, ClassVar, TypeVar
 
 from torch import Tensor
 
@@ -14,8 +15,13 @@ PRUNERS: dict[str, type[Pruner]] = {}
 P = TypeVar("P", bound="type[Pruner]")
 
 
-def register_pruner(name: str) -> Callable[[P], P]:
-    """Class decorator: register a :class:`Pruner` subclass under ``name`` in :data:`PRUNERS`."""
+def register_pruner(name: str, options: type | None = None) -> Callable[[P], P]:
+    """Class decorator: register a :class:`Pruner` subclass under ``name`` in :data:`PRUNERS`.
+
+    ``options``: the dataclass of the settings only this pruner reads (fields declared with
+    :func:`ebft.settings.setting`); they become ``--NAME-FIELD`` flags and sweep keys, and the pruner
+    finds their values in ``self.options``.
+    """
 
     def decorate(cls: P) -> P:
         if not (isinstance(cls, type) and issubclass(cls, Pruner)):
@@ -23,6 +29,7 @@ def register_pruner(name: str) -> Callable[[P], P]:
         if name in PRUNERS and PRUNERS[name] is not cls:
             raise ValueError(f"a pruner named {name!r} is already registered ({PRUNERS[name].__qualname__})")
         cls.name = name
+        cls.Options = options
         PRUNERS[name] = cls
         return cls
 
@@ -32,19 +39,30 @@ def register_pruner(name: str) -> Callable[[P], P]:
 class Pruner:
     """Scores the linear layers of one decoder block and turns scores into keep-masks.
 
-    The pipeline feeds each layer's inputs to :meth:`add_batch` (from a forward hook), then
+    The walk feeds each layer's inputs to :meth:`add_batch` (from a forward hook), then
     calls :meth:`mask` per layer, then :meth:`reset` before the next block.
     """
 
     name: ClassVar[str] = ""
+    Options: ClassVar[type | None] = None  # set by @register_pruner
     needs_activations: ClassVar[bool] = False
     per_row: ClassVar[bool] = False  # unstructured comparison group: each output row, or the whole layer
 
-    def __init__(self, sparsity: float, nm: tuple[int, int] | None = None) -> None:
+    def __init__(self, sparsity: float, nm: tuple[int, int] | None = None, options: Any = None,
+                 **option_values: Any) -> None:
+        """``options`` (an instance of :attr:`Options`) or ``option_values`` (its fields by name) set the
+        pruner's own options; those not given take their defaults."""
         if nm is None and not (isinstance(sparsity, (int, float)) and 0.0 <= sparsity <= 1.0):
             raise UsageError(f"--sparsity must be in [0, 1]; got {sparsity!r}")
         self.sparsity = float(sparsity)
         self.nm = tuple(nm) if nm is not None else None
+        if self.Options is None:
+            if options is not None or option_values:
+                raise TypeError(f"pruner {self.name!r} takes no options")
+            self.options = None
+        else:
+            base = options if options is not None else self.Options()
+            self.options = dataclasses.replace(base, **option_values) if option_values else base
 
     def add_batch(self, name: str, inputs: Tensor) -> None:
         """Record ``inputs`` [..., in_features] seen by layer ``name``; no-op unless overridden."""
@@ -79,8 +97,8 @@ class Pruner:
         return f"{type(self).__name__}({target})"
 
 
-def make_pruner(name: str, sparsity: float, nm: tuple[int, int] | None = None) -> Pruner:
+def make_pruner(name: str, sparsity: float, nm: tuple[int, int] | None = None, options: Any = None) -> Pruner:
     """Instantiate the registered pruner ``name``; :class:`UsageError` if unknown."""
     if name not in PRUNERS:
         raise UsageError(f"--pruner {name!r} is unknown; choose one of: {', '.join(sorted(PRUNERS))}")
-    return PRUNERS[name](sparsity, nm)
+    return PRUNERS[name](sparsity, nm, options)

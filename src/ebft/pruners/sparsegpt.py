@@ -18,17 +18,20 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ebft.errors import EbftError
+from ebft.errors import EbftError, UsageError
 from ebft.pruners.base import Pruner, register_pruner
+from ebft.settings import check_finite, setting
 from ebft.sparsity import keep_top, num_pruned
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SparseGPTPruner", "block_prune_counts", "inverse_hessian_factor", "sparsegpt_prune"]
+__all__ = ["SparseGPTOptions", "SparseGPTPruner", "block_prune_counts", "inverse_hessian_factor", "sparsegpt_prune"]
 
 
 def inverse_hessian_factor(hessian: Tensor, percdamp: float) -> Tensor:
@@ -139,25 +142,31 @@ def sparsegpt_prune(
     return w.to(weight.dtype), keep
 
 
-@register_pruner("sparsegpt")
+@dataclass
+class SparseGPTOptions:
+    """What only ``--pruner sparsegpt`` reads."""
+
+    percdamp: float = setting(0.01, key="percdamp", help="Hessian dampening, a fraction of its mean diagonal")
+    blocksize: int = setting(128, help="columns per lazy-update block of the OBS sweep")
+
+    def __post_init__(self) -> None:
+        check_finite(self.percdamp, "--percdamp", "a number >= 0 (0.01 is typical)", low=0.0)
+        if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int) or self.blocksize < 1:
+            raise UsageError(f"--sparsegpt-blocksize must be a positive whole number; got {self.blocksize!r}")
+
+
+@register_pruner("sparsegpt", options=SparseGPTOptions)
 class SparseGPTPruner(Pruner):
     """Accumulates each layer's Hessian (2/n) sum x x^T over tokens, then prunes with :func:`sparsegpt_prune`."""
 
     needs_activations = True
     per_row = False
 
-    def __init__(
-        self,
-        sparsity: float,
-        nm: tuple[int, int] | None = None,
-        percdamp: float = 0.01,
-        blocksize: int = 128,
-    ) -> None:
-        super().__init__(sparsity, nm)
-        if not (math.isfinite(percdamp) and percdamp >= 0):
-            raise ValueError(f"percdamp must be >= 0; got {percdamp!r}")
-        self.percdamp = float(percdamp)
-        self.blocksize = int(blocksize)
+    def __init__(self, sparsity: float, nm: tuple[int, int] | None = None, options: SparseGPTOptions | None = None,
+                 **option_values: Any) -> None:
+        super().__init__(sparsity, nm, options, **option_values)
+        self.percdamp = float(self.options.percdamp)
+        self.blocksize = int(self.options.blocksize)
         self._hessian: dict[str, Tensor] = {}  # name -> [in, in] float32, running (2/n) X^T X
         self._tokens: dict[str, int] = {}
 

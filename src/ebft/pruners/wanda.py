@@ -30,8 +30,8 @@ class WandaPruner(Pruner):
     needs_activations = True
     per_row = True
 
-    def __init__(self, sparsity: float, nm: tuple[int, int] | None = None) -> None:
-        super().__init__(sparsity, nm)
+    def __init__(self, sparsity: float, nm: tuple[int, int] | None = None, options: None = None) -> None:
+        super().__init__(sparsity, nm, options)
         self._sum_sq: dict[str, Tensor] = {}  # name -> [in] float64, sum over tokens of x_j^2
         self._tokens: dict[str, int] = {}
 
