@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ebft.errors import UsageError
+from ebft.registry import resolve_options
 from ebft.settings import check_finite, options_field, section, setting
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -78,27 +79,6 @@ def check_combinations(given: Collection[str]) -> None:
                          "give one of them")
 
 
-def method_options(kind: str, name: str, cls: type | None, options: Any) -> Any:
-    """``options`` as the method's options dataclass (from None, a dict, or an instance); a one-line error
-    if they belong to another method or name a field it lacks."""
-    flag = "--pruner" if kind == "pruner" else "--finetune"
-    if cls is None:
-        if options not in (None, {}):
-            raise UsageError(f"{flag} {name} takes no options; got {options!r}")
-        return None
-    if options is None:
-        return cls()
-    if isinstance(options, dict):
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise UsageError(f"{flag} {name} has no option {unknown[0]!r}; its options: {', '.join(sorted(known))}")
-        return cls(**options)
-    if not isinstance(options, cls):
-        raise UsageError(f"{flag} {name} takes {cls.__name__} options, not {type(options).__name__}")
-    return options
-
-
 @dataclass
 class PruneConfig:
     """Which weights to remove."""
@@ -121,9 +101,7 @@ class PruneConfig:
     def __post_init__(self) -> None:
         from ebft.pruners import PRUNERS
 
-        if self.pruner not in PRUNERS:
-            raise UsageError(f"--pruner {self.pruner!r} is unknown; choose one of: {', '.join(sorted(PRUNERS))}")
-        self.options = method_options("pruner", self.pruner, PRUNERS[self.pruner].Options, self.options)
+        self.options = resolve_options(PRUNERS, "--pruner", self.pruner, self.options)
         if isinstance(self.nm, str):
             self.nm = parse_nm(self.nm)
         elif isinstance(self.nm, list):
@@ -214,10 +192,7 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         from ebft.finetune import FINETUNERS
 
-        if self.method not in FINETUNERS:
-            raise UsageError(f"--finetune {self.method!r} is unknown; choose one of: {', '.join(sorted(FINETUNERS))}")
-        tuner = FINETUNERS[self.method]
-        self.options = method_options("finetune", self.method, tuner.Options if tuner else None, self.options)
+        self.options = resolve_options(FINETUNERS, "--finetune", self.method, self.options)
         _positive_int(self.epochs, "--epochs")
         _positive_int(self.batch_size, "--batch-size")
         check_finite(self.lr, "--lr", "a positive number", low=0.0, low_open=True)

@@ -11,10 +11,10 @@ from ebft.finetune import FINETUNERS
 from ebft.finetune.dsnot import DSnoT, FeatureStats, dsnot_mask, expected_error
 from ebft.models import find_blocks
 from ebft.models.blocks import run_block
-from ebft.walk import prune_and_finetune
 from ebft.pruners import wanda_scores
 from ebft.sparsity import check_nm, mask_stats, nm_mask, unstructured_mask
 from ebft.sparsity.patterns import detect_nm
+from ebft.walk import prune_and_finetune
 
 CPU = torch.device("cpu")
 

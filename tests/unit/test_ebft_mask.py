@@ -16,9 +16,9 @@ from ebft.finetune import FINETUNERS
 from ebft.finetune.ebft_mask import EBFTMask, init_scores, masked_weights
 from ebft.models import find_blocks
 from ebft.models.blocks import run_block
-from ebft.walk import prune_and_finetune
 from ebft.sparsity import check_nm, mask_stats, nm_mask, unstructured_mask
 from ebft.sparsity.patterns import MaskStructure, detect_structure, topk_mask
+from ebft.walk import prune_and_finetune
 
 CPU = torch.device("cpu")
 

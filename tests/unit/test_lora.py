@@ -17,8 +17,8 @@ from ebft.errors import EbftError, UsageError
 from ebft.finetune.ebft import EBFTOptions
 from ebft.finetune.lora import LoraOptions, causal_lm_loss, lora_finetune
 from ebft.models import find_blocks
-from ebft.walk import prune_and_finetune
 from ebft.runner import run_prune
+from ebft.walk import prune_and_finetune
 
 pytest.importorskip("peft")
 

@@ -15,9 +15,9 @@ from transformers import AutoModelForCausalLM
 from ebft.config import CalibConfig, EvalConfig, FinetuneConfig, PruneConfig, RunConfig
 from ebft.errors import EbftError
 from ebft.models import find_blocks
-from ebft.walk import WalkResult, prune_and_finetune
 from ebft.runner import run_prune
 from ebft.sparsity import check_nm, mask_stats
+from ebft.walk import WalkResult, prune_and_finetune
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "smollm3"]
 CPU = torch.device("cpu")

@@ -23,8 +23,8 @@ from ebft.finetune import FINETUNERS
 from ebft.finetune.base import BlockFinetuner, BlockResult
 from ebft.finetune.ebft import EBFT
 from ebft.models.loading import load_config
-from ebft.walk import EarlyStopping, holdout_count, prune_and_finetune, restore_reason
 from ebft.runner import count_parameters, run_prune
+from ebft.walk import EarlyStopping, holdout_count, prune_and_finetune, restore_reason
 
 CPU = torch.device("cpu")
 

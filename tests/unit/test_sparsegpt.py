@@ -10,10 +10,10 @@ import torch
 from ebft.config import FinetuneConfig, PruneConfig
 from ebft.errors import EbftError
 from ebft.models import find_blocks
-from ebft.walk import prune_and_finetune
 from ebft.pruners import PRUNERS, make_pruner, wanda_scores
 from ebft.pruners.sparsegpt import SparseGPTPruner, block_prune_counts, sparsegpt_prune
 from ebft.sparsity import check_nm, mask_stats, nm_mask, num_pruned, unstructured_mask
+from ebft.walk import prune_and_finetune
 
 
 def _inputs(tokens: int, width: int, seed: int) -> torch.Tensor:

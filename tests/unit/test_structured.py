@@ -17,7 +17,6 @@ from ebft.config import FinetuneConfig, PruneConfig
 from ebft.errors import EbftError, UsageError
 from ebft.models import find_blocks
 from ebft.models.blocks import call_block
-from ebft.walk import prune_and_finetune
 from ebft.structured import (
     BlockLayout,
     ChannelStats,
@@ -30,6 +29,7 @@ from ebft.structured import (
     select_heads,
     shrink_block,
 )
+from ebft.walk import prune_and_finetune
 
 CPU = torch.device("cpu")
 

@@ -219,7 +219,7 @@ def test_study_configs_are_valid(name: str) -> None:
         elif cfg.finetune.method != "none":
             assert (cfg.finetune.epochs, cfg.finetune.lr, cfg.finetune.batch_size) == (10, 1e-3, 4)
     if name == "study_zeroshot":
-        assert sweep.tasks == ["boolq", "rte", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "piqa"]
+        assert sweep.options.tasks == ["boolq", "rte", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "piqa"]
 
 
 # ------------------------------------------------------------------------------ running

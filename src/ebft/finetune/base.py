@@ -9,8 +9,11 @@ it reads; ``--finetune NAME`` picks one, and ``none`` is pruning alone.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,30 +22,13 @@ import torch
 from torch import nn
 
 from ebft.errors import EbftError
+from ebft.models.blocks import run_block
+from ebft.registry import registrar
+
+logger = logging.getLogger(__name__)
 
 #: ``--finetune`` name -> class (``none``: no repair, pruning alone).
 FINETUNERS: dict[str, type[BlockFinetuner] | type[ModelFinetuner] | None] = {"none": None}
-
-
-def register_finetuner(name: str, options: type | None = None) -> Callable[[type], type]:
-    """Class decorator: register a :class:`BlockFinetuner` or :class:`ModelFinetuner` under ``name``.
-
-    ``options``: the dataclass of the settings only this method reads (fields declared with
-    :func:`ebft.settings.setting`); they become ``--NAME-FIELD`` flags and sweep keys, and the method
-    finds their values in ``self.options``.
-    """
-
-    def wrap(cls: type) -> type:
-        if not (isinstance(cls, type) and issubclass(cls, (BlockFinetuner, ModelFinetuner))):
-            raise TypeError(f"@register_finetuner({name!r}) must decorate a BlockFinetuner or ModelFinetuner")
-        if FINETUNERS.get(name, cls) is not cls:
-            raise ValueError(f"a fine-tuner named {name!r} is already registered")
-        cls.name = name
-        cls.Options = options
-        FINETUNERS[name] = cls
-        return cls
-
-    return wrap
 
 
 def make_finetuner(config: Any, seed: int = 0) -> BlockFinetuner | ModelFinetuner | None:
@@ -117,11 +103,33 @@ class BlockFinetuner(_Method):
         when it returns True, tuning stops there (the caller may then load other weights)."""
         raise NotImplementedError
 
-    def masked_layers(
-        self, block: nn.Module, masks: dict[str, torch.Tensor], dense_weights: dict[str, torch.Tensor] | None
-    ) -> tuple[dict[str, nn.Parameter], dict[str, nn.Module], dict[str, torch.Tensor]]:
-        """For tuners that need dense weights: the block's parameters by name, for each masked weight
-        the module that owns it, and ``dense_weights``. Raises when they or a masked name are missing."""
+
+class MaskRefiner(BlockFinetuner):
+    """A block fine-tuner that changes which weights are kept, not their values (DSnoT, mask tuning).
+
+    Subclasses choose the new masks (:meth:`refine`); this class does the rest: every kept weight
+    becomes its dense value and every pruned one exactly 0.0, and a change that does not lower the
+    block's output MSE against ``targets`` (no-grad passes over ``inputs``) is undone, so that the
+    masks stay those of the weights the walk keeps. The ``masks`` tensors are updated in place.
+    """
+
+    needs_dense_weights = True
+    refines_masks = True
+    what = "mask refinement"  # how the restore message names the method
+
+    def observe(self, modules: dict[str, nn.Module]) -> contextlib.AbstractContextManager:
+        """Hooks for the pass that measures the starting loss (``modules``: the masked layers by weight name)."""
+        return contextlib.nullcontext()
+
+    def refine(self, block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, masks: dict[str, torch.Tensor],
+               block_kwargs: dict[str, Any], index: int, dense: dict[str, torch.Tensor],
+               modules: dict[str, nn.Module], result: BlockResult) -> dict[str, torch.Tensor] | None:
+        """The new keep-masks by weight name, or None to keep the starting ones (``result.restored`` says why)."""
+        raise NotImplementedError
+
+    def tune(self, block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, masks: dict[str, torch.Tensor],
+             block_kwargs: dict[str, Any], index: int, dense_weights: dict[str, torch.Tensor] | None = None,
+             on_epoch_end: Callable[[int], bool] | None = None) -> BlockResult:
         if dense_weights is None:
             raise EbftError(f"{self.name} needs the block's dense weights; the walk did not pass them")
         params = dict(block.named_parameters())
@@ -129,7 +137,43 @@ class BlockFinetuner(_Method):
         if missing:
             raise KeyError(f"masks name parameters the block or its dense weights lack: {missing[:3]}")
         modules = {key: block.get_submodule(key.removesuffix(".weight")) for key in masks}
-        return params, modules, dense_weights
+        batch_size = self.config.batch_size
+        result = BlockResult()
+        start = time.perf_counter()
+        with self.observe(modules):
+            init_loss = run_block(block, inputs, block_kwargs, batch_size, targets=targets)
+        saved = {key: (mask.clone(), params[key].detach().clone()) for key, mask in masks.items()}
+        dense = {key: dense_weights[key].to(device=params[key].device, dtype=params[key].dtype) for key in masks}
+        try:
+            new = self.refine(block, inputs, targets, masks, block_kwargs, index, dense, modules, result)
+        finally:
+            result.train_seconds = time.perf_counter() - start
+        if new is None:
+            logger.warning("block %d: %s; keeping its starting masks", index, result.restored)
+            _restore(masks, params, saved)
+            return result
+        changed = sum(int((new[key] != mask.to(new[key].device)).sum()) for key, mask in masks.items())
+        with torch.no_grad():
+            for key, mask in masks.items():  # the dense weights under the new mask, the pruned ones exactly 0.0
+                mask.copy_(new[key].to(mask.device))
+                params[key].copy_(torch.where(new[key], dense[key], torch.zeros_like(dense[key])))
+        final_loss = run_block(block, inputs, block_kwargs, batch_size, targets=targets)
+        logger.info("block %d %s: %d of %d mask entries changed, mse %.5g -> %.5g", index, self.name, changed,
+                    sum(mask.numel() for mask in masks.values()), init_loss, final_loss)
+        if not (math.isfinite(final_loss) and final_loss < init_loss * (1 - 1e-6)):  # lowered by more than 1e-6
+            result.restored = f"{self.what} did not lower the loss ({final_loss:.4g} >= {init_loss:.4g})"
+            _restore(masks, params, saved)
+        result.train_seconds = time.perf_counter() - start
+        return result
+
+
+@torch.no_grad()
+def _restore(masks: dict[str, torch.Tensor], params: dict[str, nn.Parameter],
+             saved: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Put back the masks (in place) and the weights they applied to."""
+    for key, (mask, weight) in saved.items():
+        masks[key].copy_(mask)
+        params[key].copy_(weight)
 
 
 @dataclass
@@ -176,31 +220,8 @@ class ModelFinetuner(_Method):
         raise NotImplementedError
 
 
-MaskedState = dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (keep-mask, weight)
-
-
-def save_masked(masks: dict[str, torch.Tensor], params: dict[str, nn.Parameter]) -> MaskedState:
-    """Copies of the masks and of the weights they apply to, for :func:`restore_masked`."""
-    return {key: (mask.clone(), params[key].detach().clone()) for key, mask in masks.items()}
-
-
-@torch.no_grad()
-def restore_masked(masks: dict[str, torch.Tensor], params: dict[str, nn.Parameter], saved: MaskedState) -> None:
-    """Put back the masks (in place) and weights that :func:`save_masked` copied."""
-    for key, (mask, weight) in saved.items():
-        masks[key].copy_(mask)
-        params[key].copy_(weight)
-
-
-@torch.no_grad()
-def set_mask_(mask: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, dense: torch.Tensor) -> None:
-    """Make ``mask`` (in place) ``keep`` and ``weight`` the ``dense`` weights under it (pruned ones exactly 0.0)."""
-    mask.copy_(keep.to(mask.device))
-    weight.copy_(torch.where(keep, dense, torch.zeros_like(dense)).to(weight.dtype))
-
-
-def loss_lowered(init_loss: float, final_loss: float) -> bool:
-    """Whether a mask change lowered the block's output MSE (by more than a relative 1e-6)."""
-    return math.isfinite(final_loss) and final_loss < init_loss * (1 - 1e-6)
-
-
+#: ``@register_finetuner("name", options=OptionsDataclass)``: register a :class:`BlockFinetuner` or
+#: :class:`ModelFinetuner` under ``name``. The options are the settings only this method reads (fields
+#: declared with :func:`ebft.settings.setting`); they become ``--NAME-FIELD`` flags and sweep keys, and
+#: the method finds their values in ``self.options``.
+register_finetuner = registrar(FINETUNERS, "finetuner", (BlockFinetuner, ModelFinetuner))

@@ -30,8 +30,8 @@ detected from each mask (see :func:`ebft.sparsity.patterns.detect_nm`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,16 +39,8 @@ import torch
 from torch import Tensor, nn
 
 from ebft.errors import EbftError, UsageError
-from ebft.finetune.base import (
-    BlockFinetuner,
-    BlockResult,
-    loss_lowered,
-    register_finetuner,
-    restore_masked,
-    save_masked,
-    set_mask_,
-)
-from ebft.models.blocks import record_inputs, run_block
+from ebft.finetune.base import BlockResult, MaskRefiner, register_finetuner
+from ebft.models.blocks import record_inputs
 from ebft.settings import check_finite, setting
 from ebft.sparsity.patterns import detect_nm
 
@@ -101,15 +93,8 @@ def expected_error(dense: Tensor, keep: Tensor, mean: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def dsnot_mask(
-    dense: Tensor,
-    keep: Tensor,
-    stats: FeatureStats,
-    nm: tuple[int, int] | None = None,
-    max_cycles: int = 50,
-    threshold: float = 0.1,
-    var_power: float = 1.0,
-) -> tuple[Tensor, int]:
+def dsnot_mask(dense: Tensor, keep: Tensor, stats: FeatureStats, nm: tuple[int, int] | None = None,
+               max_cycles: int = 50, threshold: float = 0.1, var_power: float = 1.0) -> tuple[Tensor, int]:
     """Prune-and-grow ``keep`` [out, in] for dense weights ``dense``; returns (new keep-mask, swaps).
 
     All rows are updated together (one swap per active row per cycle). With ``nm``, the grown and
@@ -176,57 +161,35 @@ class DSnoTOptions:
 
 
 @register_finetuner("dsnot", options=DSnoTOptions)
-class DSnoT(BlockFinetuner):
+class DSnoT(MaskRefiner):
     """Training-free mask repair (:func:`dsnot_mask`) of every linear layer of a block.
 
-    Masks are updated in place in the ``masks`` tensors given to :meth:`tune`; the block's weights
-    become the dense weights under the new masks. If that does not lower the block's output MSE
-    against ``targets``, masks and weights are put back and ``restored`` says so, so that the
-    masks stay those of the weights the walk keeps.
+    The statistics come from the pass that measures the block's starting loss; every layer's mask
+    is then refined on its own (:class:`~ebft.finetune.base.MaskRefiner` applies and judges them).
     """
 
-    needs_dense_weights = True
-    refines_masks = True
+    what = "dsnot"
     reads = frozenset({"batch_size", "holdout_fraction"})  # its forward passes, and the windows it may see
 
-    def tune(
-        self,
-        block: nn.Module,
-        inputs: torch.Tensor,
-        targets: torch.Tensor,
-        masks: dict[str, torch.Tensor],
-        block_kwargs: dict[str, Any],
-        index: int,
-        dense_weights: dict[str, torch.Tensor] | None = None,
-    ) -> BlockResult:
-        params, modules, dense_weights = self.masked_layers(block, masks, dense_weights)
-        batch_size = self.config.batch_size
-        start = time.perf_counter()
-        result = BlockResult(tokens=inputs.shape[0] * inputs.shape[1])
+    def observe(self, modules: dict[str, nn.Module]) -> contextlib.AbstractContextManager:
+        self._stats = {key: _StatsAccumulator() for key in modules}
+        return record_inputs(modules, lambda key, x: self._stats[key].add(x))
 
-        accumulators = {key: _StatsAccumulator() for key in masks}
-        with record_inputs(modules, lambda key, x: accumulators[key].add(x)):
-            init_loss = run_block(block, inputs, block_kwargs, batch_size, targets=targets)
-        saved = save_masked(masks, params)
+    def refine(self, block: nn.Module, inputs: Tensor, targets: Tensor, masks: dict[str, Tensor],
+               block_kwargs: dict[str, Any], index: int, dense: dict[str, Tensor], modules: dict[str, nn.Module],
+               result: BlockResult) -> dict[str, Tensor]:
+        result.tokens = inputs.shape[0] * inputs.shape[1]
+        opts = self.options
+        new: dict[str, Tensor] = {}
         err_before = err_after = 0.0
-        with torch.no_grad():
-            for key, mask in masks.items():
-                weight = params[key]
-                dense = dense_weights[key].to(weight.device)
-                stats = accumulators[key].stats()
-                nm = detect_nm(mask)
-                opts = self.options
-                new_keep, swaps = dsnot_mask(dense, mask, stats, nm, opts.cycles, opts.threshold, opts.var_power)
-                err_before += float(expected_error(dense, mask, stats.mean).abs().sum())
-                err_after += float(expected_error(dense, new_keep, stats.mean).abs().sum())
-                set_mask_(mask, weight, new_keep, dense)
-                result.steps += swaps
-                logger.debug("block %d %s: %d swaps%s", index, key, swaps, f" (N:M {nm[0]}:{nm[1]})" if nm else "")
-        final_loss = run_block(block, inputs, block_kwargs, batch_size, targets=targets)
-        logger.info("block %d dsnot: %d swaps, sum|e| %.4g -> %.4g, mse %.5g -> %.5g",
-                    index, result.steps, err_before, err_after, init_loss, final_loss)
-        if not loss_lowered(init_loss, final_loss):
-            result.restored = f"dsnot did not lower the loss ({final_loss:.4g} >= {init_loss:.4g})"
-            restore_masked(masks, params, saved)
-        result.train_seconds = time.perf_counter() - start
-        return result
+        for key, mask in masks.items():
+            stats = self._stats[key].stats()
+            nm = detect_nm(mask)
+            new[key], swaps = dsnot_mask(dense[key], mask, stats, nm, opts.cycles, opts.threshold, opts.var_power)
+            err_before += float(expected_error(dense[key], mask, stats.mean).abs().sum())
+            err_after += float(expected_error(dense[key], new[key], stats.mean).abs().sum())
+            result.steps += swaps
+            logger.debug("block %d %s: %d swaps%s", index, key, swaps, f" (N:M {nm[0]}:{nm[1]})" if nm else "")
+        logger.info("block %d dsnot: %d swaps, sum|e| %.4g -> %.4g", index, result.steps, err_before, err_after)
+        self._stats = {}
+        return new

@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -46,17 +45,9 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ebft.errors import EbftError
-from ebft.finetune.base import (
-    BlockFinetuner,
-    BlockResult,
-    loss_lowered,
-    register_finetuner,
-    restore_masked,
-    save_masked,
-    set_mask_,
-)
+from ebft.finetune.base import BlockResult, MaskRefiner, register_finetuner
 from ebft.finetune.loop import block_mse_loss, train_steps
-from ebft.models.blocks import block_device, run_block
+from ebft.models.blocks import block_device
 from ebft.precision import resolve_precision
 from ebft.settings import check_finite, setting
 from ebft.sparsity.patterns import MaskStructure, detect_structure, topk_mask
@@ -144,75 +135,37 @@ class EBFTMaskOptions:
 
 
 @register_finetuner("ebft-mask", options=EBFTMaskOptions)
-class EBFTMask(BlockFinetuner):
+class EBFTMask(MaskRefiner):
     """Learns the keep-masks of a block's linear layers over its dense weights (config: FinetuneConfig).
 
     ``margin`` (its option): the initial score gap between kept and pruned weights, in units of AdamW
     steps of size ``lr`` (see the module docstring).
     """
 
-    needs_dense_weights = True
-    refines_masks = True
+    what = "mask tuning"
 
-    def tune(
-        self,
-        block: nn.Module,
-        inputs: torch.Tensor,
-        targets: torch.Tensor,
-        masks: dict[str, torch.Tensor],
-        block_kwargs: dict[str, Any],
-        index: int,
-        dense_weights: dict[str, torch.Tensor] | None = None,
-    ) -> BlockResult:
-        params, modules, dense_weights = self.masked_layers(block, masks, dense_weights)
+    def refine(self, block: nn.Module, inputs: Tensor, targets: Tensor, masks: dict[str, Tensor],
+               block_kwargs: dict[str, Any], index: int, dense: dict[str, Tensor], modules: dict[str, nn.Module],
+               result: BlockResult) -> dict[str, Tensor] | None:
         cfg = self.config
         device = block_device(block)
         precision = resolve_precision(cfg.precision, device)
         block.train(False)  # no dropout: targets were computed in eval mode
-
-        result = BlockResult()
-        start = time.perf_counter()
-        init_loss = run_block(block, inputs, block_kwargs, cfg.batch_size, targets=targets)
-        saved = save_masked(masks, params)
-        dense = {key: dense_weights[key].to(device=params[key].device, dtype=params[key].dtype) for key in masks}
         structures = {key: detect_structure(mask) for key, mask in masks.items()}
-        scores = {
-            key: init_scores(mask.to(params[key].device), dense[key], self.options.margin).requires_grad_(True)
-            for key, mask in masks.items()
-        }
-
-        try:
-            with masked_weights(modules, dense, scores, structures):
-                result.tokens = train_steps(
-                    list(scores.values()), cfg, device, precision, inputs.shape[0], self.seed * 1_000_003 + index,
-                    block_mse_loss(block, inputs, targets, block_kwargs, device, precision), result,
-                    desc=f"block {index} ebft-mask", on_epoch_end=functools.partial(_log_epoch, index, cfg.epochs),
-                    dist=self.dist,
-                )
-        finally:
-            result.train_seconds = time.perf_counter() - start
+        scores = {key: init_scores(mask.to(dense[key].device), dense[key], self.options.margin).requires_grad_(True)
+                  for key, mask in masks.items()}
+        with masked_weights(modules, dense, scores, structures):
+            result.tokens = train_steps(
+                list(scores.values()), cfg, device, precision, inputs.shape[0], self.seed * 1_000_003 + index,
+                block_mse_loss(block, inputs, targets, block_kwargs, device, precision), result,
+                desc=f"block {index} ebft-mask", on_epoch_end=functools.partial(_log_epoch, index, cfg.epochs),
+                dist=self.dist,
+            )
         if result.restored is None and not all(bool(torch.isfinite(s).all()) for s in scores.values()):
             result.restored = "non-finite mask scores"
         if result.restored is not None:
-            logger.warning("block %d: %s; keeping its starting masks", index, result.restored)
-            restore_masked(masks, params, saved)
-            return result
-
-        changed = 0
-        with torch.no_grad():
-            for key, mask in masks.items():
-                new = topk_mask(scores[key], structures[key])
-                changed += int((new != mask.to(new.device)).sum())
-                set_mask_(mask, params[key], new, dense[key])
-        final_loss = run_block(block, inputs, block_kwargs, cfg.batch_size, targets=targets)
-        total = sum(mask.numel() for mask in masks.values())
-        logger.info("block %d ebft-mask: %d of %d mask entries changed, mse %.5g -> %.5g",
-                    index, changed, total, init_loss, final_loss)
-        if not loss_lowered(init_loss, final_loss):
-            result.restored = f"mask tuning did not lower the loss ({final_loss:.4g} >= {init_loss:.4g})"
-            restore_masked(masks, params, saved)
-        result.train_seconds = time.perf_counter() - start
-        return result
+            return None
+        return {key: topk_mask(scores[key], structures[key]) for key in masks}
 
 
 def _log_epoch(index: int, epochs: int, epoch: int, loss: float) -> bool:

@@ -3,37 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from torch import Tensor
 
 from ebft.errors import UsageError
+from ebft.registry import registrar
 from ebft.sparsity import nm_mask, unstructured_mask
 
 PRUNERS: dict[str, type[Pruner]] = {}
 
 P = TypeVar("P", bound="type[Pruner]")
-
-
-def register_pruner(name: str, options: type | None = None) -> Callable[[P], P]:
-    """Class decorator: register a :class:`Pruner` subclass under ``name`` in :data:`PRUNERS`.
-
-    ``options``: the dataclass of the settings only this pruner reads (fields declared with
-    :func:`ebft.settings.setting`); they become ``--NAME-FIELD`` flags and sweep keys, and the pruner
-    finds their values in ``self.options``.
-    """
-
-    def decorate(cls: P) -> P:
-        if not (isinstance(cls, type) and issubclass(cls, Pruner)):
-            raise TypeError(f"@register_pruner({name!r}) must decorate a Pruner subclass")
-        if name in PRUNERS and PRUNERS[name] is not cls:
-            raise ValueError(f"a pruner named {name!r} is already registered ({PRUNERS[name].__qualname__})")
-        cls.name = name
-        cls.Options = options
-        PRUNERS[name] = cls
-        return cls
-
-    return decorate
 
 
 class Pruner:
@@ -102,3 +82,9 @@ def make_pruner(name: str, sparsity: float, nm: tuple[int, int] | None = None, o
     if name not in PRUNERS:
         raise UsageError(f"--pruner {name!r} is unknown; choose one of: {', '.join(sorted(PRUNERS))}")
     return PRUNERS[name](sparsity, nm, options)
+
+
+#: ``@register_pruner("name", options=OptionsDataclass)``: register a :class:`Pruner` subclass in :data:`PRUNERS`.
+#: The options are the settings only this pruner reads (fields declared with :func:`ebft.settings.setting`);
+#: they become ``--NAME-FIELD`` flags and sweep keys, and the pruner finds their values in ``self.options``.
+register_pruner = registrar(PRUNERS, "pruner", (Pruner,))

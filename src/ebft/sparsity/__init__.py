@@ -1,31 +1,9 @@
-"""Sparsity masks: build (unstructured, N:M), apply, and measure them."""
+"""Sparsity masks: build (unstructured, N:M), apply, pack and measure them; recognise their patterns."""
 
 from __future__ import annotations
 
-from ebft.sparsity.masks import (
-    PackedMasks,
-    apply_mask_,
-    check_nm,
-    keep_top,
-    mask_stats,
-    nm_mask,
-    num_pruned,
-    pack_mask,
-    unpack_mask,
-    unstructured_mask,
-    weight_sparsity,
-)
+from ebft.sparsity import masks as _masks
+from ebft.sparsity.masks import *  # noqa: F403 - the package re-exports the masks module
+from ebft.sparsity.patterns import MaskStructure, detect_nm, detect_structure, topk_mask
 
-__all__ = [
-    "PackedMasks",
-    "apply_mask_",
-    "check_nm",
-    "keep_top",
-    "mask_stats",
-    "nm_mask",
-    "num_pruned",
-    "pack_mask",
-    "unpack_mask",
-    "unstructured_mask",
-    "weight_sparsity",
-]
+__all__ = [*_masks.__all__, "MaskStructure", "detect_nm", "detect_structure", "topk_mask"]

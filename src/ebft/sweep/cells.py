@@ -111,7 +111,7 @@ def plan_sweep(sweep: Sweep) -> Plan:
             raise UsageError(f"{sweep.cell_path(cell_id_)} was computed with other settings ({diff}); use another "
                              "--out, or delete that file to recompute it")
         plan.done.append(cell_id_)
-    if sweep.eval_dense:
+    if sweep.options.eval_dense:
         for model in sweep.models:
             record = read_cell(sweep.cell_path(sweep.dense_id(model)))
             if record is not None:
@@ -144,7 +144,7 @@ def check_sweep(sweep: Sweep) -> Plan:
             validate_inputs(cfg)
         except EbftError as exc:
             raise type(exc)(f"{sweep.source}: cell {cell.id}: {exc}") from None
-    if sweep.tasks is not None and (plan.todo or plan.dense_todo):
+    if sweep.options.tasks is not None and (plan.todo or plan.dense_todo):
         plan.backend = _zeroshot_backend(sweep)
     return plan
 
@@ -153,9 +153,9 @@ def _zeroshot_backend(sweep: Sweep) -> tuple[str, Any]:
     """The zero-shot back-end, chosen once; the local one's task files are checked now."""
     from ebft.eval.zeroshot import plan_local, select_backend
 
-    backend, why = select_backend(sweep.zeroshot_backend)
+    backend, why = select_backend(sweep.options.zeroshot_backend)
     logger.info("zero-shot back-end: %s (%s)", backend, why)
-    local = plan_local(sweep.tasks, sweep.data_dir) if backend == "local" else None  # type: ignore[arg-type]
+    local = plan_local(sweep.options.tasks, sweep.data_dir) if backend == "local" else None  # type: ignore[arg-type]
     return backend, local
 
 

@@ -98,7 +98,7 @@ def run_sweep(sweep: Sweep, plan: Plan | None = None, on_cell: Callable[[str, Ce
         logger.info("%d of %d cells finished earlier (in %s): skipped", len(plan.done), len(sweep.cells),
                     sweep.out / "cells")
     backend = plan.backend
-    if backend is None and sweep.tasks is not None and (plan.todo or plan.dense_todo):
+    if backend is None and sweep.options.tasks is not None and (plan.todo or plan.dense_todo):
         backend = _zeroshot_backend(sweep)
     resident: _Resident | None = None
     computed: list[str] = []
@@ -152,17 +152,17 @@ def _device(sweep: Sweep) -> torch.device:
 
 def _zeroshot(sweep: Sweep, resident: _Resident, backend: tuple[str, Any] | None,
               device: torch.device) -> dict[str, Any] | None:
-    if sweep.tasks is None or backend is None:
+    if sweep.options.tasks is None or backend is None:
         return None
     from ebft.eval.zeroshot import evaluate_harness, evaluate_local
 
     name, local = backend
     if name == "harness":
-        result = evaluate_harness(resident.model, resident.tokenizer, sweep.tasks, limit=sweep.limit,
-                                  batch_size=sweep.zeroshot_batch_size, device=device)
+        result = evaluate_harness(resident.model, resident.tokenizer, sweep.options.tasks, limit=sweep.options.limit,
+                                  batch_size=sweep.options.zeroshot_batch_size, device=device)
     else:
         result = evaluate_local(resident.model, resident.tokenizer, local.run, data_dir=sweep.data_dir,
-                                limit=sweep.limit, batch_size=sweep.zeroshot_batch_size, device=device)
+                                limit=sweep.options.limit, batch_size=sweep.options.zeroshot_batch_size, device=device)
         result.skipped.update(local.skipped)
     resident.model.to("cpu")
     out = result.to_dict()
@@ -200,7 +200,7 @@ def _run_cell(sweep: Sweep, cell: Cell, resident: _Resident, backend: tuple[str,
     report = run_prune(cfg, model_and_tokenizer=(resident.model, resident.tokenizer), windows=windows)
     record = CellRecord(cell.id, "cell", {**cell.settings, **sweep.eval_settings()}, report)
     record.zeroshot = _zeroshot(sweep, resident, backend, resolve_device(cfg.device))
-    if sweep.keep_models:
+    if sweep.options.keep_models:
         from ebft.export import save_model
 
         with atomic_dir(sweep.out / "models" / cell.id, overwrite=True) as tmp:

@@ -182,30 +182,6 @@ class Sweep:
     given: tuple[str, ...] = ()  # the keys the config's fixed section sets (the rest are defaults)
 
     @property
-    def tasks(self) -> list[str] | None:
-        return self.options.tasks
-
-    @property
-    def limit(self) -> int | None:
-        return self.options.limit
-
-    @property
-    def zeroshot_backend(self) -> str:
-        return self.options.zeroshot_backend
-
-    @property
-    def zeroshot_batch_size(self) -> int:
-        return self.options.zeroshot_batch_size
-
-    @property
-    def keep_models(self) -> bool:
-        return self.options.keep_models
-
-    @property
-    def eval_dense(self) -> bool:
-        return self.options.eval_dense
-
-    @property
     def models(self) -> list[str]:
         return list(dict.fromkeys(cell.model for cell in self.cells))
 
@@ -220,7 +196,7 @@ class Sweep:
 
     def eval_settings(self) -> dict[str, Any]:
         return {"eval": list(self.eval.sources), "eval_seqlen": self.eval.seqlen, "max_windows": self.eval.max_windows,
-                "tasks": self.tasks, "limit": self.limit}
+                "tasks": self.options.tasks, "limit": self.options.limit}
 
 
 def _slug(text: str) -> str:

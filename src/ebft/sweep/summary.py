@@ -276,8 +276,8 @@ def build_summary(sweep: Sweep) -> Page:
         f"Fixed: {settings or 'defaults'} (every other setting at the `ebft prune` default).",
         "Evaluation: " + (", ".join(f"`{s}`" for s in sweep.eval.sources) or "none") +
         f", windows of {sweep.eval.seqlen}" + (f", first {sweep.eval.max_windows}" if sweep.eval.max_windows else "")
-        + (f"; zero-shot tasks {', '.join(sweep.tasks)}" + (f" (limit {sweep.limit})" if sweep.limit else "")
-           if sweep.tasks else "") + ".",
+        + (f"; zero-shot tasks {', '.join(sweep.options.tasks)}" + (f" (limit {sweep.options.limit})" if sweep.options.limit else "")
+           if sweep.options.tasks else "") + ".",
         "`finetune none` cells ignore the training settings; their rows hold pruning alone." +
         (" `dsnot` cells read only `batch_size` and `holdout_fraction` of them."
          if any(c.settings["finetune"] == "dsnot" for c in sweep.cells) else ""),
