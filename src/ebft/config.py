@@ -238,7 +238,8 @@ class EvalConfig:
 class RunConfig:
     """Everything ``ebft prune`` needs."""
 
-    model: str
+    model: str = setting(help="the model: a hub id, a local folder, a .gguf file or an alias such as smollm2-135m",
+                         flag="MODEL", cli=False, metavar="MODEL")
     out: Path | None = None
     prune: PruneConfig = section(PruneConfig)
     calib: CalibConfig = section(CalibConfig)

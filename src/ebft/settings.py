@@ -18,6 +18,7 @@ option given to another method, and :func:`flat_values` reads it back from a con
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -46,7 +47,7 @@ def setting(default: Any = MISSING, *, help: str, key: str | None = None, flag: 
     accepted values (called when help is shown, so that registries are complete by then).
     """
     if kind is None:
-        kind = _infer_kind(default)
+        kind = "str" if default is MISSING else _infer_kind(default)
     if kind not in KINDS:
         raise ValueError(f"setting kind {kind!r} is not one of {KINDS}")
     metadata = {"setting": True, "help": help, "key": key, "flag": flag, "kind": kind, "cli": cli, "sweep": sweep,
@@ -149,7 +150,12 @@ def fields_settings(cls: type, path: tuple[str, ...], owner: tuple[str, str] | N
         if not md.get("setting"):
             continue
         key = md["key"] or prefix + f.name
-        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        if f.default is not MISSING:
+            default = f.default
+        elif f.default_factory is not MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = None  # a required field (the model)
         yield Setting(key=key, path=(*path, f.name), kind=md["kind"], default=default, help=md["help"],
                       flag=md["flag"] or "--" + key.replace("_", "-"), cli=md["cli"], sweep=md["sweep"],
                       compared=md["compared"], training=md["training"], repeat=md["repeat"], metavar=md["metavar"],
@@ -234,8 +240,7 @@ def config_diff(old: Any, new: Any) -> str | None:
         if not s.compared or (key not in before and key not in after):
             continue
         if before.get(key, "<unset>") != after.get(key, "<unset>"):
-            name = "MODEL" if key == "model" else s.flag
-            return f"{name} was {_shown(s, before, key)}, now {_shown(s, after, key)}"
+            return f"{s.flag} was {_shown(s, before, key)}, now {_shown(s, after, key)}"
     return None
 
 
@@ -255,7 +260,7 @@ def build_run_config(values: Mapping[str, Any], **fixed: Any) -> Any:
     from ebft.config import RunConfig, check_combinations
 
     settings = all_settings()
-    unknown = [k for k in values if k not in settings]
+    unknown = [k for k in values if k not in settings or k == "model"]
     if unknown:
         raise UsageError(f"unknown setting {unknown[0]!r}; known settings: {', '.join(settings)}")
     check_combinations({k for k, v in values.items() if v is not None})
@@ -306,8 +311,8 @@ def add_flags(parser: Any, settings: Iterable[Setting], with_defaults: bool = Fa
         default = "" if s.kind == "bool" else f" (default: {s.default_text()})"
         kwargs: dict[str, Any] = {"dest": s.key, "default": s.default if with_defaults else None,
                                   "help": s.full_help().replace("%", "%%") + default}
-        if s.kind == "bool":
-            kwargs["action"] = "store_true"
+        if s.kind == "bool":  # on/off; a setting that is on by default gets --no-... too
+            kwargs["action"] = argparse.BooleanOptionalAction if s.default else "store_true"
         else:
             kwargs["type"] = _argparse_type(s)
             kwargs["metavar"] = s.metavar or s.key.upper()
@@ -393,7 +398,8 @@ def markdown_table(settings: Mapping[str, Setting] | None = None) -> str:
         sweep = {"axis": "grid or fixed", "fixed": "fixed", None: "-"}[s.sweep]
         resume = "yes" if s.compared else "no"
         flag = f"`{s.flag}`" if s.cli else "-"
-        return f"| {flag} | `{s.key}` | {s.default_text()} | {s.full_help()} | {sweep} | {resume} |"
+        text = s.full_help().replace("|", "\\|")
+        return f"| {flag} | `{s.key}` | {s.default_text()} | {text} | {sweep} | {resume} |"
 
     header = ["| flag | sweep key | default | meaning | in a sweep | --resume compares |",
               "| --- | --- | --- | --- | --- | --- |"]
@@ -416,3 +422,38 @@ def check_finite(value: Any, flag: str, what: str, *, low: float | None = None, 
         ok = value < high if high_open else value <= high
     if not ok:
         raise UsageError(f"{flag} must be {what}; got {value!r}")
+
+
+def settings_doc() -> str:
+    """The text of ``docs/settings.md``: the run's settings, each method's options, a sweep's own settings."""
+    from ebft.sweep.schema import SweepOptions
+
+    rows = ["| sweep key | default | meaning |", "| --- | --- | --- |"]
+    rows += [f"| `{s.key}` | {s.default_text()} | {s.help} |" for s in fields_settings(SweepOptions, ())]
+    sweep = "\n## A sweep's own settings (`fixed:` only)\n\n" + "\n".join(rows) + "\n"
+    return _DOC_HEAD + markdown_table() + sweep
+
+
+def main() -> None:
+    """``python -m ebft.settings``: print ``docs/settings.md``."""
+    print(settings_doc(), end="")
+
+
+_DOC_HEAD = """# Settings
+
+Every setting of `ebft prune`, generated from the dataclasses that declare them
+(`python -m ebft.settings > docs/settings.md`; a test checks that this file is current).
+
+- **flag**: the `ebft prune` flag; **sweep key**: its name in an `ebft sweep` config;
+- **in a sweep**: whether a `grid:` may vary it, or only `fixed:` may set it;
+- **--resume compares**: whether `--resume` refuses a run whose value differs (the others do not change the
+  pruned model).
+
+A method's options (the tables after the first) apply only when that method is chosen: given with another
+method, they are refused.
+
+"""
+
+
+if __name__ == "__main__":
+    main()

@@ -46,16 +46,9 @@ class SweepOptions:
     keep_models: bool = setting(False, sweep="fixed", help="save each cell's model under OUT/models/")
 
 
-def _model_setting() -> Setting:
-    return Setting(key="model", path=("model",), kind="str", default=None, help="the model (or models) to prune",
-                   flag="MODEL", cli=False, sweep="axis", compared=True, training=False, repeat=False, metavar=None)
-
-
 def run_keys() -> dict[str, Setting]:
     """The keys a grid may vary (and ``fixed`` may set): ``model`` and every ``ebft prune`` setting."""
-    keys = {"model": _model_setting()}
-    keys.update({k: s for k, s in all_settings().items() if s.sweep == "axis"})
-    return keys
+    return {k: s for k, s in all_settings().items() if s.sweep == "axis"}
 
 
 def fixed_keys() -> dict[str, Setting]:
