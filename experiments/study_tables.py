@@ -13,16 +13,21 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ebft.eval.zeroshot import mean_acc_stderr
 from ebft.sweep import load_sweep, read_cell
+
+if TYPE_CHECKING:
+    from ebft.sweep.cells import CellRecord
 
 SOURCE = "wikitext2:test"
 EXPERIMENTS = Path(__file__).resolve().parent
 
 
-def records(config: str, runs: Path) -> dict[tuple, dict]:
-    """``{(pruner, sparsity, finetune, nsamples): record}`` of a sweep's finished cells."""
+def records(config: str, runs: Path) -> dict[tuple, CellRecord]:
+    """``{(pruner, sparsity, finetune, nsamples): record}`` of a sweep's finished cells (``OUT/cells/*.json``),
+    and ``{("dense",): record}`` for its dense baseline."""
     name = Path(config).stem
     sweep = load_sweep(EXPERIMENTS / config, out=runs / name)
     out = {}
@@ -31,14 +36,15 @@ def records(config: str, runs: Path) -> dict[tuple, dict]:
         if record is not None:
             s = cell.settings
             out[(s["pruner"], s["sparsity"], s["finetune"], s["nsamples"])] = record
-    dense = read_cell(sweep.out / "cells" / "dense.smollm2-135m.json")
-    if dense is not None:
-        out[("dense",)] = dense
+    for model in sweep.models:
+        dense = read_cell(sweep.cell_path(sweep.dense_id(model)))
+        if dense is not None:
+            out[("dense",)] = dense
     return out
 
 
-def ppl(record: dict | None) -> float | None:
-    return None if record is None else record["report"]["eval"].get(SOURCE)
+def ppl(record: CellRecord | None) -> float | None:
+    return None if record is None else record.report.eval.get(SOURCE)
 
 
 def num(value: float | None, digits: int = 2) -> str:
@@ -76,7 +82,7 @@ def calib_table(runs: Path) -> str:
         rows.append(["Wanda 50%" + ("" if method == "none" else " + EBFT")] +
                     [num(ppl(calib.get(("wanda", 0.5, method, n)))) for n in sizes])
     seconds = [calib.get(("wanda", 0.5, "ebft", n)) for n in sizes]
-    rows.append(["EBFT cell, CPU s"] + [num(r and r.get("cpu_seconds"), 0) for r in seconds])
+    rows.append(["EBFT cell, CPU s"] + [num(r and r.cpu_seconds, 0) for r in seconds])
     return table(["windows of 256 tokens"] + [str(n) for n in sizes], rows)
 
 
@@ -90,7 +96,7 @@ def zeroshot_table(runs: Path) -> str:
     tasks = ["boolq", "rte", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "piqa"]
     rows = []
     for name, record in entries:
-        result = record.get("zeroshot") if record else None
+        result = record.zeroshot if record else None
         if result is None:
             rows.append([name, "—"] + ["—"] * (len(tasks) + 3))
             continue
