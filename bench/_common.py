@@ -1,8 +1,9 @@
 """Helpers the benchmark scripts share: JSON output, machine state, matmul peaks, FLOP counts,
-per-step timing of the EBFT loop and resident-memory readings.
+per-step timing of a block fine-tuner and resident-memory readings.
 
-Nothing here changes how ``ebft`` trains: the scripts call the project's own code path
-(``ebft.finetune.ebft.EBFT.tune``, ``ebft.runner``/CLI) and only observe it through hooks.
+Nothing here changes how ``ebft`` trains: the scripts call the project's own code path (the block
+walk ``ebft.walk``, ``ebft.finetune.ebft.EBFT.tune``, ``ebft.runner.run_prune``, the CLI) and only
+observe it, through walk callbacks (:class:`ebft.walk.Callback`) and module hooks.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -27,6 +28,15 @@ def setup_logging(quiet: bool = False) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def start(quiet: bool = False, threads: int | None = None) -> dict[str, Any]:
+    """A script's first step: logging (:func:`setup_logging`), torch's thread count if given, and the
+    machine state before the measurements (:func:`machine_state`)."""
+    setup_logging(quiet)
+    if threads:
+        torch.set_num_threads(threads)
+    return machine_state()
 
 
 def emit(obj: dict[str, Any]) -> None:
@@ -108,6 +118,11 @@ def block_linear_shapes(block: nn.Module) -> list[tuple[str, int, int]]:
     return [(n, m.in_features, m.out_features) for n, m in block.named_modules() if isinstance(m, nn.Linear)]
 
 
+def block_linear_params(shapes: Iterable[tuple[str, int, int]]) -> int:
+    """P_lin: the weights of the block's nn.Linear layers."""
+    return sum(i * o for _, i, o in shapes)
+
+
 def attention_width(config: Any) -> int:
     """n_heads * head_dim: the width of Q (and of the attention output) that QK^T and AV run over."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -168,7 +183,20 @@ def matmul_peak(shapes: Iterable[tuple[str, int, int]], tokens: int, dtype: torc
                    f"{tokens} tokens, plain {str(dtype).replace('torch.', '')} tensors; FLOP-weighted over all layers"}
 
 
-def _time(fn, n: int) -> float:
+PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def matmul_peaks(shapes: list[tuple[str, int, int]], tokens: int, **kwargs: Any) -> dict[str, dict[str, Any]]:
+    """:func:`matmul_peak` of the same GEMMs in fp32 and in bf16, by those names."""
+    return {name: matmul_peak(shapes, tokens, dtype, **kwargs) for name, dtype in PEAK_DTYPES.items()}
+
+
+def peak_for(precision: str) -> str:
+    """Which matmul peak training in ``precision`` (resolved) is compared with: bf16 for half precisions."""
+    return "bf16" if precision in ("bf16", "fp16") else "fp32"
+
+
+def _time(fn: Callable[[], Any], n: int) -> float:
     start = time.perf_counter()
     for _ in range(n):
         fn()
@@ -178,32 +206,47 @@ def _time(fn, n: int) -> float:
 # --------------------------------------------------------------------------- per-step timing
 
 class StepTimer:
-    """Observe an ``EBFT.tune`` call step by step, through hooks only.
+    """Observe a block fine-tuner's training steps through hooks only.
 
-    Each training step does exactly one forward of the block, so a forward pre-hook marks the
-    start of a step; the last ``post_accumulate_grad`` hook of a step marks the end of its backward.
-    The optimizer, clipping and mask re-application lie between the end of a backward and the
-    next step's start (or ``stop()`` for the last step).
+    Each training step does exactly one forward of the block with autograd on, so a forward
+    pre-hook marks the start of a step (``on_first_step()`` runs just before the first one); the
+    last ``post_accumulate_grad`` hook of a step (on the parameters that require grad when the first
+    step starts) marks the end of its backward. The optimizer,
+    clipping and mask re-application lie between the end of a backward and the next step's start.
+    The last step ends at the first no-grad forward after it (the walk's loss pass after tuning) or
+    at ``stop()``, whichever comes first; no-grad forwards before the first step are not steps.
     """
 
-    def __init__(self, block: nn.Module) -> None:
+    def __init__(self, block: nn.Module, on_first_step: Callable[[], None] | None = None) -> None:
         self.starts: list[float] = []
         self.grad_done: list[float] = []
         self.end: float | None = None
+        self._on_first_step = on_first_step
+        self._block = block
         self._handles = [block.register_forward_pre_hook(self._pre)]
-        for p in block.parameters():
-            if p.dtype.is_floating_point:
-                self._handles.append(p.register_post_accumulate_grad_hook(self._grad))
 
     def _pre(self, module: nn.Module, args: Any) -> None:
+        if self.end is not None:
+            return
+        if not torch.is_grad_enabled():
+            if self.starts:
+                self.end = time.perf_counter()
+            return
+        if not self.starts:  # the tuner has just made the parameters require grad
+            self._handles += [p.register_post_accumulate_grad_hook(self._grad) for p in self._block.parameters()
+                              if p.requires_grad]
+            if self._on_first_step is not None:
+                self._on_first_step()
         self.starts.append(time.perf_counter())
         self.grad_done.append(float("nan"))
 
     def _grad(self, param: torch.Tensor) -> None:
-        self.grad_done[-1] = time.perf_counter()
+        if self.end is None and self.grad_done:
+            self.grad_done[-1] = time.perf_counter()
 
     def stop(self) -> None:
-        self.end = time.perf_counter()
+        if self.end is None:
+            self.end = time.perf_counter()
         for h in self._handles:
             h.remove()
 

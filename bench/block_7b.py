@@ -2,15 +2,18 @@
 
 Builds ``LlamaForCausalLM`` from a ``LlamaConfig`` with Llama-2-7B's block dimensions (hidden 4096,
 intermediate 11008, 32 heads, 32 KV heads, head_dim 128) but one decoder layer and a 256-token
-vocabulary, so that the block is the only large part (random weights). The block's inputs and
-keyword arguments come from ``ebft.capture`` on random token ids; the dense block's outputs are
-the targets (``ebft.models.blocks.run_block``, fp32, as in the pipeline); the block is pruned in place
-(magnitude 50%) and trained with ``ebft.finetune.ebft.EBFT.tune`` for ``--warmup + --steps`` steps.
+vocabulary, so that the block is the only large part (random weights), and runs the real block walk
+on it (``ebft.walk.prune_and_finetune``) with ``--batch-size`` random windows as calibration data:
+dense targets (fp32, no grad), magnitude 50%, ``--finetune ebft`` for ``--warmup + --steps`` steps
+(one step per epoch, no held-out windows), propagation. Walk callbacks take the measurements.
 
-Measured: time per step (split into forward+backward and optimizer/clip/masks), the fp32 no-grad
-forward rate of ``run_block``, peak resident memory (VmHWM) of the setup and of the training, the
-bytes autograd saves per token at ``--seqlen`` and at ``--act-seqlen``, and the matmul peak of the
-block's GEMM shapes in fp32 and bf16.
+Measured: time per step (``_common.StepTimer`` hooks on the block from ``on_targets``; each step
+split into forward+backward and optimizer/clip/masks), the fp32 no-grad forward rate of the dense
+pass (the walk's own, from ``on_block_start`` to ``on_targets``, and one more ``run_block`` there;
+the faster counts), peak resident memory (VmHWM) of the setup (up to the first training step) and
+of the training (reset at the first step, read at ``on_tuned``), the bytes autograd saves per token
+at ``--seqlen`` and at ``--act-seqlen``, and the matmul peak of the block's GEMM shapes in fp32 and
+bf16 (measured before the walk).
 
 Extrapolated, with every formula and number written out as strings in the JSON: a full 32-block
 EBFT run at the paper's budget (256 windows x 1024 tokens, 10 epochs, batch 8) (i) on this CPU and
@@ -29,12 +32,18 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
 import _common as C  # noqa: E402
+from ebft.walk import Callback  # noqa: E402
+
+if TYPE_CHECKING:
+    from ebft.results import BlockReport
+    from ebft.walk import BlockWalk
 
 log = logging.getLogger("bench.block_7b")
 GiB = 2**30
@@ -76,22 +85,50 @@ def gib(x: float) -> float:
     return round(x / GiB, 2)
 
 
+class Probe(Callback):
+    """Measures the walk on the block: its dense pass, its training steps, the resident memory around them."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self.forward_s: list[float] = []  # the walk's dense pass, then one more
+        self.timer: C.StepTimer | None = None
+        self.memory: dict[str, Any] = {}
+        self.report: BlockReport | None = None
+
+    def on_block_start(self, walk: BlockWalk, index: int) -> None:
+        self._start = time.perf_counter()
+
+    def on_targets(self, walk: BlockWalk, index: int) -> None:
+        from ebft.capture import calibration_context
+        from ebft.models.blocks import run_block
+
+        self.forward_s.append(time.perf_counter() - self._start)
+        with calibration_context(walk.model):
+            start = time.perf_counter()
+            run_block(walk.block, walk.hidden, walk.kwargs, self.batch_size)  # the same pass, timed clean
+            self.forward_s.append(time.perf_counter() - start)
+        self.timer = C.StepTimer(walk.block, on_first_step=self._training_starts)
+
+    def _training_starts(self) -> None:
+        self.memory.update(peak_setup=C.peak_rss_mb(), rss_before=C.rss_mb(), reset=C.reset_peak_rss())
+
+    def on_tuned(self, walk: BlockWalk, index: int, report: BlockReport) -> None:
+        self.timer.stop()  # type: ignore[union-attr]
+        self.memory.update(peak_train=C.peak_rss_mb(), rss_after=C.rss_mb())
+        self.report = report
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    C.setup_logging(args.quiet)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    state_before = C.start(args.quiet, args.threads)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ebft.capture import calibration_context, capture_block_kwargs, capture_first_block_inputs
-    from ebft.config import FinetuneConfig
-    from ebft.finetune.ebft import EBFT
+    from ebft.capture import capture_block_kwargs, capture_first_block_inputs
+    from ebft.config import FinetuneConfig, PruneConfig
     from ebft.models import find_blocks
-    from ebft.models.blocks import run_block
     from ebft.precision import resolve_precision
-    from ebft.pruners import make_pruner
+    from ebft.walk import prune_and_finetune
 
-    state_before = C.machine_state()
     rss_baseline = C.rss_mb()
     device = torch.device("cpu")
     precision = resolve_precision(args.precision, device)
@@ -109,48 +146,36 @@ def main(argv: list[str] | None = None) -> int:
     blocks = find_blocks(model)
     block = blocks.blocks[0]
     shapes = C.block_linear_shapes(block)
-    p_lin = sum(i * o for _, i, o in shapes)
+    p_lin = C.block_linear_params(shapes)
     p_block = sum(p.numel() for p in block.parameters())
     attn_width = C.attention_width(config)
     log.info("built a 7B-shaped block: %.1fM linear weights (%.2f GiB fp32) in %.1f s", p_lin / 1e6, p_block * 4 / GiB,
              build_s)
 
-    ids = torch.randint(0, 256, (bs, seqlen), generator=torch.Generator().manual_seed(0))
-    kwargs = capture_block_kwargs(model, blocks, ids[:1])[0]
-    hidden = capture_first_block_inputs(model, blocks, ids, batch_size=bs)
-    targets = torch.empty_like(hidden)
-    with calibration_context(model):
-        fwd_times = []
-        for _ in range(2):  # the second pass is timed clean; both write the same targets
-            t = time.perf_counter()
-            run_block(block, hidden, kwargs, bs, out=targets)
-            fwd_times.append(time.perf_counter() - t)
-    fwd_fp32_gflops = C.forward_flops(p_lin, bs, seqlen, attn_width) / min(fwd_times) / 1e9
-
-    pruner = make_pruner("magnitude", 0.5)
-    masks = {name + ".weight": pruner.prune(name, lin.weight.data)
-             for name, lin in block.named_modules() if isinstance(lin, torch.nn.Linear)}
-
     log.info("matmul peak on the 7B block's GEMM shapes at %d tokens", bs * seqlen)
-    peaks = {name: C.matmul_peak(shapes, bs * seqlen, dt, repeats=3, min_seconds=0.2)
-             for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
-    match = "bf16" if precision in ("bf16", "fp16") else "fp32"
+    peaks = C.matmul_peaks(shapes, bs * seqlen, repeats=3, min_seconds=0.2)
+    match = C.peak_for(precision)
 
-    # ------------------------------------------------------------------ training
-    peak_setup = C.peak_rss_mb()
-    rss_before_train = C.rss_mb()
-    can_reset = C.reset_peak_rss()
-    log.info("training: %d warm-up + %d timed steps of %d x %d tokens, %s", args.warmup, args.steps, bs, seqlen, precision)
-    cfg = FinetuneConfig(epochs=args.warmup + args.steps, batch_size=bs, lr=2e-4, precision=args.precision,
-                         holdout_fraction=0.0)
-    timer = C.StepTimer(block)
-    result = EBFT(cfg, seed=0).tune(block, hidden, targets, masks, kwargs, 0)
-    timer.stop()
-    timing = timer.summary(args.warmup)
-    peak_train = C.peak_rss_mb()
-    rss_after_train = C.rss_mb()
-    if result.steps != args.warmup + args.steps or result.restored:
-        raise SystemExit(f"training did not run all steps: {result.steps}, restored={result.restored}")
+    # ------------------------------------------------------------------ the walk: targets, prune, train, propagate
+    log.info("walk: magnitude 50%%, then %d warm-up + %d timed steps of %d x %d tokens, %s", args.warmup, args.steps,
+             bs, seqlen, precision)
+    ids = torch.randint(0, 256, (bs, seqlen), generator=torch.Generator().manual_seed(0))
+    prune = PruneConfig(pruner="magnitude", sparsity=0.5)
+    finetune = FinetuneConfig(method="ebft", epochs=args.warmup + args.steps, batch_size=bs, lr=2e-4,
+                              precision=args.precision, holdout_fraction=0.0)
+    probe = Probe(bs)
+    prune_and_finetune(model, ids, prune, finetune, device, seed=0, callbacks=[probe], forward_batch_size=bs,
+                       progress=False)
+    report, mem = probe.report, probe.memory
+    assert report is not None and probe.timer is not None, "the walk did not reach on_tuned"
+    if report.steps != args.warmup + args.steps:
+        raise SystemExit(f"training did not run all steps: {report.steps}, restored={report.restored}")
+    if report.restored:
+        log.warning("the walk gave the block its untuned weights back (%s); the timings stand", report.restored)
+    timing = probe.timer.summary(args.warmup)
+    fwd_fp32_gflops = C.forward_flops(p_lin, bs, seqlen, attn_width) / min(probe.forward_s) / 1e9
+    peak_setup, rss_before_train, can_reset = mem["peak_setup"], mem["rss_before"], mem["reset"]
+    peak_train, rss_after_train = mem["peak_train"], mem["rss_after"]
     flops_step = C.train_flops(p_lin, bs, seqlen, attn_width)
     train_gflops = flops_step["total"] * args.steps / timing["timed_wall_s"] / 1e9
     fwd_bwd_gflops = flops_step["total"] * args.steps / timing["fwd_bwd_s_timed"] / 1e9
@@ -210,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     buffers = 2 * N * S * H * 4
     train_state = 3 * p_block * 4  # grads + AdamW exp_avg, exp_avg_sq (fp32)
     act_full = act_per_token * B * S
-    masks_all = L * -(-p_lin // 8)  # every block's masks, kept on the CPU by the pipeline packed 8 to a byte
+    masks_all = L * -(-p_lin // 8)  # every block's masks, kept on the CPU by the walk packed 8 to a byte
     rss_torch = rss_baseline
     cpu_mem = model_params * 4 + masks_all + buffers + train_state + act_full + wcopy_bytes + rss_torch * 2**20
     cpu = {
@@ -222,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                        f"total {cpu_total_s:.4g} s = {cpu_total_s / 3600:.1f} h "
                        f"(rates measured here at {bs}x{seqlen} tokens; larger batches may run faster)"),
         "peak_memory_gib": gib(cpu_mem),
-        "memory_arith": (f"fp32 model {model_params}*4 B = {gib(model_params * 4)} GiB + bool masks of all blocks "
-                         f"{L}*{p_lin} B = {gib(masks_all)} GiB + inputs/targets buffers 2*{N}*{S}*{H}*4 B = "
+        "memory_arith": (f"fp32 model {model_params}*4 B = {gib(model_params * 4)} GiB + masks of all blocks, packed "
+                         f"8 to a byte, {L}*{p_lin}/8 B = {gib(masks_all)} GiB + inputs/targets buffers 2*{N}*{S}*{H}*4 B = "
                          f"{gib(buffers)} GiB + one block's grads and AdamW states 3*{p_block}*4 B = {gib(train_state)} GiB "
                          f"+ saved activations {act_per_token} B/token * {B}*{S} = {gib(act_full)} GiB + autocast "
                          f"weight copies {gib(wcopy_bytes)} GiB + python/torch baseline {rss_torch:.0f} MiB "
@@ -316,11 +341,11 @@ def main(argv: list[str] | None = None) -> int:
             "efficiency_ratio_used": ratio,
             "efficiency_ratio_source": ratio_src,
             "caveats": ("FLOP efficiency measured on a 2-core CPU is assumed to carry over to GPU tensor cores; "
-                        "the pipeline runs its non-training passes (targets, loss, propagation) in fp32 without "
+                        "the walk runs its non-training passes (targets, loss, propagation) in fp32 without "
                         "autocast, which on GPUs without TF32 costs as much as the training; activations are "
                         "measured on the CPU's attention kernel; no overlap of copies and compute is assumed"),
         },
-        "loss_first_last": [C.r(result.losses[0], 4), C.r(result.losses[-1], 4)],
+        "loss_first_last": [C.r(report.epoch_losses[0], 4), C.r(report.epoch_losses[-1], 4)],
         "machine_before": state_before,
         "machine_after": C.machine_state(),
     }

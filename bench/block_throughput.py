@@ -1,7 +1,8 @@
 """Throughput of EBFT block training against the machine's measured matmul peak.
 
 Loads a real model, captures the real inputs of one decoder block (pydoc calibration text, through
-``ebft.capture``), prunes a copy of the block (magnitude 50%, fixed masks) and trains it with the
+``ebft.capture`` and the dense blocks before it, ``ebft.models.blocks.run_block``), prunes the block
+as the walk does (``ebft.walk.make_compressor``: magnitude 50%, fixed masks) and trains it with the
 project's EBFT code path (``ebft.finetune.ebft.EBFT.tune``: AdamW, fused where available, gradient
 masking, clipping, mask re-application, autocast) for ``--warmup + --steps`` steps. Only the steps
 after the warm-up are timed. In the same run it measures the dense matmul rate of the same GEMM
@@ -13,9 +14,12 @@ Prints one JSON object on stdout; logs go to stderr.
     python bench/block_throughput.py --model smollm2-135m [--batch-size 8 --seqlen 256 --steps 20 --precision auto]
                                      [--compile] [--adamw fused|foreach]
 
-``--compile`` wraps the block's forward in ``torch.compile`` (inductor; the backward is compiled by
-AOTAutograd), so the compile happens in the warm-up steps and the timing hooks stay outside the
-compiled code. ``--adamw foreach`` swaps the fused AdamW kernel for the multi-tensor one.
+``--compile`` turns on EBFT's own ``compile`` option (``FinetuneConfig(options={"compile": True})``:
+``torch.compile`` of the block's forward, inductor, the backward compiled by AOTAutograd), so the
+compile happens in the first warm-up step and the timing hooks stay outside the compiled code.
+``--adamw foreach`` swaps the fused AdamW kernel for the multi-tensor one (ebft has no setting for
+it: the script replaces ``ebft.finetune.loop.fused_kwargs``, the one thing here that is not ebft's
+own code path).
 """
 
 from __future__ import annotations
@@ -26,12 +30,17 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 import _common as C  # noqa: E402
+
+if TYPE_CHECKING:
+    from ebft.config import FinetuneConfig
 
 log = logging.getLogger("bench.block_throughput")
 
@@ -74,12 +83,24 @@ def op_kind(name: str) -> str:
     return "other_elementwise"
 
 
-def profile_steps(tuner_cls, cfg_cls, block, hidden, targets, masks, kwargs, index, precision, bs, steps):
+def ebft_config(args: argparse.Namespace, steps: int, compile: bool) -> FinetuneConfig:
+    """The FinetuneConfig of every training run here: ``steps`` steps of ``--batch-size`` windows (one epoch each)."""
+    from ebft.config import FinetuneConfig
+
+    return FinetuneConfig(method="ebft", epochs=steps, batch_size=args.batch_size, lr=1e-3, precision=args.precision,
+                          holdout_fraction=0.0, options={"compile": compile})
+
+
+def profile_steps(args: argparse.Namespace, block: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                  masks: dict[str, torch.Tensor], kwargs: dict[str, Any], index: int) -> dict[str, Any]:
+    """``--profile-steps`` more EBFT steps under torch.profiler: self CPU time by op kind."""
     from torch.profiler import ProfilerActivity, profile
 
-    cfg = cfg_cls(epochs=steps, batch_size=bs, lr=1e-3, precision=precision, holdout_fraction=0.0)
+    from ebft.finetune.ebft import EBFT
+
+    cfg = ebft_config(args, args.profile_steps, args.compile)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        tuner_cls(cfg, seed=1).tune(block, hidden, targets, masks, kwargs, index)
+        EBFT(cfg, seed=1).tune(block, hidden, targets, masks, kwargs, index)
     kinds: dict[str, float] = {}
     top = []
     for evt in prof.key_averages():
@@ -91,23 +112,25 @@ def profile_steps(tuner_cls, cfg_cls, block, hidden, targets, masks, kwargs, ind
     total = sum(kinds.values())
     top.sort(reverse=True)
     return {
-        "steps": steps,
+        "steps": args.profile_steps,
         "share_of_op_time": {k: round(v / total, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
         "top_ops_share": {name: round(us / total, 3) for us, name in top[:10]},
         "op_time_s": total / 1e6,
     }
 
 
-def compile_ab(tuner_cls, cfg_cls, block, hidden, targets, masks, kwargs, index, args) -> dict:
-    """Eager and ``torch.compile``d copies of the block, trained in alternating rounds in this process."""
+def compile_ab(args: argparse.Namespace, block: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+               masks: dict[str, torch.Tensor], kwargs: dict[str, Any], index: int) -> dict[str, Any]:
+    """Two copies of the block, trained without and with EBFT's ``compile`` option in alternating rounds."""
+    from ebft.finetune.ebft import EBFT
+
     copies = {"eager": copy.deepcopy(block), "compiled": copy.deepcopy(block)}
-    copies["compiled"].forward = torch.compile(copies["compiled"].forward, dynamic=False)
     bs = args.batch_size
 
     def train(name: str, steps: int) -> float:
-        cfg = cfg_cls(epochs=steps, batch_size=bs, lr=1e-3, precision=args.precision, holdout_fraction=0.0)
+        cfg = ebft_config(args, steps, name == "compiled")
         t = time.perf_counter()
-        tuner_cls(cfg, seed=0).tune(copies[name], hidden, targets, dict(masks), kwargs, index)
+        EBFT(cfg, seed=0).tune(copies[name], hidden, targets, dict(masks), kwargs, index)
         return time.perf_counter() - t
 
     warm = {name: train(name, args.warmup) for name in copies}  # includes compiling
@@ -126,19 +149,16 @@ def compile_ab(tuner_cls, cfg_cls, block, hidden, targets, masks, kwargs, index,
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    C.setup_logging(args.quiet)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    state_before = C.start(args.quiet, args.threads)
     from ebft.capture import calibration_context, capture_block_kwargs, capture_first_block_inputs
-    from ebft.config import FinetuneConfig
+    from ebft.config import PruneConfig
     from ebft.data import calibration_windows
     from ebft.finetune.ebft import EBFT
     from ebft.models import find_blocks, load_model
     from ebft.models.blocks import run_block
     from ebft.precision import resolve_precision
-    from ebft.pruners import make_pruner
+    from ebft.walk import make_compressor
 
-    state_before = C.machine_state()
     t0 = time.perf_counter()
     loaded = load_model(args.model)
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -158,58 +178,50 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(index):
             run_block(blocks.blocks[i], hidden, all_kwargs[i], bs, out=hidden)
         run_block(blocks.blocks[index], hidden, all_kwargs[index], bs, out=targets)  # dense targets
+        # the block pruned in place with fixed masks, as the walk hands it to the tuner
+        masks = make_compressor(model, PruneConfig(pruner="magnitude", sparsity=0.5)).compress(
+            blocks.blocks[index], index, blocks).masks
     kwargs = all_kwargs[index]
-
-    # a pruned copy of the block with fixed masks, as the pipeline hands it to the tuner
-    block = copy.deepcopy(blocks.blocks[index])
-    pruner = make_pruner("magnitude", 0.5)
-    masks = {name + ".weight": pruner.prune(name, lin.weight.data)
-             for name, lin in block.named_modules() if isinstance(lin, torch.nn.Linear)}
+    block = blocks.blocks[index]
     shapes = C.block_linear_shapes(block)
     block_for_ab = copy.deepcopy(block) if args.ab_rounds > 0 else None
-    if args.compile:
-        block.forward = torch.compile(block.forward, dynamic=False)
     if args.adamw == "foreach":
         import ebft.finetune.loop as loop
 
         loop.fused_kwargs = lambda device: {"foreach": True}
-    p_lin = sum(i * o for _, i, o in shapes)
+    p_lin = C.block_linear_params(shapes)
     attn_width = C.attention_width(model.config)
     del model, blocks  # only the block is needed from here on
 
     tokens_per_step = bs * seqlen
     log.info("measuring the matmul peak on the block's GEMM shapes (%d tokens)", tokens_per_step)
-    peaks_before = {name: C.matmul_peak(shapes, tokens_per_step, dt)
-                    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    peaks_before = C.matmul_peaks(shapes, tokens_per_step)
 
     log.info("training block %d: %d warm-up + %d timed steps of %d x %d tokens, %s",
              index, args.warmup, args.steps, bs, seqlen, precision)
-    cfg = FinetuneConfig(epochs=args.warmup + args.steps, batch_size=bs, lr=1e-3, precision=args.precision,
-                         holdout_fraction=0.0)
     timer = C.StepTimer(block)
-    result = EBFT(cfg, seed=0).tune(block, hidden, targets, masks, kwargs, index)
+    result = EBFT(ebft_config(args, args.warmup + args.steps, args.compile), seed=0).tune(
+        block, hidden, targets, masks, kwargs, index)
     timer.stop()
     timing = timer.summary(args.warmup)
     if result.steps != args.warmup + args.steps or result.restored:
         raise SystemExit(f"training did not run all steps: {result.steps} steps, restored={result.restored}")
 
-    peaks_after = {name: C.matmul_peak(shapes, tokens_per_step, dt)
-                   for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
-    peak = {k: max(peaks_before[k]["gflops"], peaks_after[k]["gflops"]) for k in ("fp32", "bf16")}
+    peaks_after = C.matmul_peaks(shapes, tokens_per_step)
+    peak = {k: max(peaks_before[k]["gflops"], peaks_after[k]["gflops"]) for k in C.PEAK_DTYPES}
 
     flops_step = C.train_flops(p_lin, bs, seqlen, attn_width)
     timed_tokens = args.steps * tokens_per_step
     wall = timing["timed_wall_s"]
     achieved = flops_step["total"] * args.steps / wall / 1e9
     achieved_fwd_bwd = flops_step["total"] * args.steps / timing["fwd_bwd_s_timed"] / 1e9
-    match = "bf16" if precision in ("bf16", "fp16") else "fp32"
+    match = C.peak_for(precision)
     ratio = achieved / peak[match]
 
     prof = None
     if args.profile_steps > 0:
         log.info("profiling %d more steps", args.profile_steps)
-        prof = profile_steps(EBFT, FinetuneConfig, block, hidden, targets, masks, kwargs, index, args.precision,
-                             bs, args.profile_steps)
+        prof = profile_steps(args, block, hidden, targets, masks, kwargs, index)
         gemm = prof["share_of_op_time"].get("gemm", 0.0)
         gemm_flops = 6.0 * p_lin * tokens_per_step * args.profile_steps
         prof["gemm_rate_inside_training_gflops"] = round(gemm_flops / (gemm * prof["op_time_s"]) / 1e9, 1) if gemm else None
@@ -230,8 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             limits += (f"; the GEMMs themselves run at {prof['gemm_rate_inside_training_gflops']:.0f} GFLOP/s "
                        f"inside training vs {peak[match]:.0f} measured alone")
 
-    ab = compile_ab(EBFT, FinetuneConfig, block_for_ab, hidden, targets, masks, kwargs, index, args) \
-        if args.ab_rounds > 0 else None
+    ab = compile_ab(args, block_for_ab, hidden, targets, masks, kwargs, index) if block_for_ab is not None else None
 
     out = {
         "benchmark": "block_throughput",

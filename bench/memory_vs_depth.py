@@ -2,18 +2,21 @@
 
 Builds tiny random Llama models of one width (default hidden 512, intermediate 1536, 8 heads, a
 byte-level vocabulary of 258 so that the blocks hold nearly all the weights) with 4, 8, 16 and 32
-decoder blocks, saves each with its tokenizer, and runs the real CLI on it in a fresh subprocess:
+decoder blocks, saves each with its tokenizer, and runs ``ebft prune`` on it in a fresh subprocess:
 
-    python -m ebft prune MODEL_DIR --out OUT --calib pydoc --nsamples 64 --seqlen 256 --epochs 1 --device cpu
+    ebft prune MODEL_DIR --out OUT --calib pydoc --nsamples 64 --seqlen 256 --epochs 1 --device cpu
 
-The child's peak RSS is its own ``VmHWM`` (``/proc/self/status``), read by a small wrapper around
-``ebft.cli.main`` at three points: when ``prune_and_finetune`` starts (load + calibration data),
-when it returns (the block loop) and after the model is saved; the high-water mark is reset
-(``/proc/self/clear_refs``) between phases, so each phase's peak is its own. (``ru_maxrss`` from
+The child (:func:`child`, imported from this file by a fresh interpreter) parses these flags with
+ebft's own parser (``ebft.cli.build_parser``) and calls ``ebft.runner.run_prune`` with a walk
+callback. Its peak RSS is its own ``VmHWM`` (``/proc/self/status``), read at four points: at the
+walk's start (``on_walk_start``: checks, model load, calibration data), at its end (``on_walk_end``:
+the block walk), after ``run_prune`` returns (sparsity statistics, staging and publishing the final
+model) and just before the child exits; the high-water mark is reset (``/proc/self/clear_refs``) at
+each, so each phase's peak is its own. (``ru_maxrss`` from
 ``wait4`` is not used: Linux carries the parent's resident size at fork into the child's value.)
 A sampler polling the child's ``VmRSS`` every 50 ms cross-checks the peak. A least-squares line
 ``peak = a + b * blocks`` is fitted and its slope ``b`` compared with the per-block fp32 weight
-size, the weights plus the masks the pipeline keeps (packed, one bit per prunable weight), and the
+size, the weights plus the masks the walk keeps (packed, one bit per prunable weight), and the
 activation buffers (what the slope would carry if activations were kept per block). The default sizes
 make one activation buffer (64 x 256 x 512 fp32 = 32 MiB) about twice a block's weights (13 MiB), so the two
 hypotheses give clearly different slopes. ``--offload disk`` runs every child with the activation
@@ -37,13 +40,19 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
 import _common as C  # noqa: E402
+from ebft.walk import Callback  # noqa: E402
+
+if TYPE_CHECKING:
+    from ebft.walk import BlockWalk, WalkResult
 
 log = logging.getLogger("bench.memory_vs_depth")
 MB = 2**20
@@ -108,59 +117,54 @@ def build_model(folder: Path, depth: int, args: argparse.Namespace) -> dict[str,
 
 # ---------------------------------------------------------------- one run in a child process
 
-#: runs ``ebft.cli.main(argv)`` and records VmHWM per phase into the JSON file named by argv[1];
-#: it only wraps two functions to observe them, nothing in ebft changes
-CHILD = r"""
-import atexit, json, sys
+PHASES = ("load", "blocks", "save", "exit")
 
-out_path, argv = sys.argv[1], sys.argv[2:]
-phases = {}
 
-def status(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
+class PhaseMarks(Callback):
+    """Calls ``mark("load")`` when the walk starts and ``mark("blocks")`` when it ends."""
 
-def mark(name):
-    phases[name + "_peak_mb"] = status("VmHWM")
-    phases[name + "_end_rss_mb"] = status("VmRSS")
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        phases["reset_ok"] = True
-    except OSError:
-        phases["reset_ok"] = False
+    def __init__(self, mark: Callable[[str], None]) -> None:
+        self.mark = mark
 
-import ebft.checkpoint, ebft.runner
+    def on_walk_start(self, walk: BlockWalk) -> None:
+        self.mark("load")
 
-_pf = ebft.runner.prune_and_finetune
-def prune_and_finetune(*a, **k):
-    mark("load")
-    result = _pf(*a, **k)
-    mark("blocks")
-    return result
-ebft.runner.prune_and_finetune = prune_and_finetune
+    def on_walk_end(self, walk: BlockWalk, result: WalkResult) -> None:
+        self.mark("blocks")
 
-_stage = ebft.checkpoint.Checkpoint.stage_model
-def stage_model(self, *a, **k):
-    mark("between")
-    _stage(self, *a, **k)
+
+def child(phases_path: str, argv: list[str]) -> int:
+    """In the child process: ``ebft prune`` with the flags ``argv``; VmHWM per phase goes to ``phases_path`` (JSON)."""
+    from ebft.cli import build_parser
+    from ebft.runner import run_prune
+    from ebft.settings import all_settings, build_run_config, given_values
+
+    phases: dict[str, float | bool] = {}
+
+    def mark(name: str) -> None:
+        phases[f"{name}_peak_mb"] = C.peak_rss_mb()
+        phases[f"{name}_end_rss_mb"] = C.rss_mb()
+        phases["reset_ok"] = C.reset_peak_rss()
+
+    args = build_parser().parse_args(argv)
+    C.setup_logging(args.quiet)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = build_run_config(given_values(args, all_settings().values()), model=args.model, out=args.out)
+    run_prune(cfg, overwrite=args.overwrite, resume=args.resume, callbacks=[PhaseMarks(mark)])
     mark("save")
-ebft.checkpoint.Checkpoint.stage_model = stage_model
+    mark("exit")  # the last reading: where VmHWM cannot be reset, the whole run's peak
+    Path(phases_path).write_text(json.dumps(phases))
+    return 0
 
-def done():
-    mark("exit")
-    with open(out_path, "w") as f:
-        json.dump(phases, f)
-atexit.register(done)
 
-from ebft.cli import main
-sys.exit(main(argv))
-"""
+#: ``python -c CHILD BENCH_DIR PHASES_JSON ebft-prune-flags...``: :func:`child` in a fresh interpreter
+CHILD = ("import sys; sys.path.insert(0, sys.argv[1]); import memory_vs_depth; "
+         "sys.exit(memory_vs_depth.child(sys.argv[2], sys.argv[3:]))")
+
 
 def run_child(cmd: list[str], poll: float, phases_path: Path) -> dict[str, float]:
-    cmd = [sys.executable, "-c", CHILD, str(phases_path), *cmd]
+    cmd = [sys.executable, "-c", CHILD, str(Path(__file__).resolve().parent), str(phases_path), *cmd]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     samples: list[tuple[float, float]] = []
@@ -197,9 +201,8 @@ def run_child(cmd: list[str], poll: float, phases_path: Path) -> dict[str, float
         raise SystemExit(f"child failed ({proc.returncode}): {' '.join(cmd)}\n{''.join(stderr_chunks)[-3000:]}")
     peak_t, peak_sampled = max(samples, key=lambda s: s[1]) if samples else (0.0, 0.0)
     phases = json.loads(phases_path.read_text())
-    names = ("load", "blocks", "between", "save", "exit")
-    peak = max(phases[f"{n}_peak_mb"] for n in names) if phases["reset_ok"] else phases["exit_peak_mb"]
-    return {"peak_rss_mb": peak, "phases": {n: round(phases[f"{n}_peak_mb"], 1) for n in names},
+    peak = max(phases[f"{n}_peak_mb"] for n in PHASES) if phases["reset_ok"] else phases["exit_peak_mb"]
+    return {"peak_rss_mb": peak, "phases": {n: round(phases[f"{n}_peak_mb"], 1) for n in PHASES},
             "peak_rss_sampled_mb": peak_sampled, "peak_rss_anon_sampled_mb": max(anon, default=0.0),
             "peak_at_fraction_of_run": peak_t / wall, "wall_s": wall, "stderr_tail": "".join(stderr_chunks)[-400:]}
 
@@ -290,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows_columns": "(blocks, peak_rss_mb, weights_mb, activations_mb): peak RSS of the child (its VmHWM), "
                         "peak_rss_anon_sampled_mb: the highest RssAnon seen by the sampler (RSS minus file-backed and "
                         "shared pages: what the kernel cannot drop; --offload disk moves the activations out of it), "
-                        "fp32 weights of the whole model, and the pipeline's two [nsamples, seqlen, hidden] fp32 "
+                        "fp32 weights of the whole model, and the walk's two [nsamples, seqlen, hidden] fp32 "
                         "activation buffers (inputs + targets)",
         "fit": {
             "slope_mb_per_block": round(slope, 2),
@@ -303,8 +306,10 @@ def main(argv: list[str] | None = None) -> int:
                             (round(v, 2) for v in fit_line(xs, [r["peak_rss_by_phase_mb"][phase] for r in rows]))))
             for phase in ("load", "blocks", "save")
         },
-        "phases": "load: from start to prune_and_finetune (model load, calibration data); blocks: the block loop "
-                  "(targets, pruning, EBFT, propagation, per-block checkpoints); save: staging the final model",
+        "phases": "load: from start to the walk's start (checks, model load, calibration data); blocks: the block walk "
+                  "(first-block inputs, targets, pruning, EBFT, propagation, per-block checkpoints); save: from the "
+                  "walk's end until run_prune returns (sparsity statistics, staging and publishing the final model); "
+                  "exit: after run_prune returns, the child's last reading",
         "per_block_fp32_weights_mb": round(block_w_mb, 2),
         "per_block_weights_plus_packed_masks_mb": round(block_w_mb + block_mask_mb, 2),
         "activation_buffer_mb": round(act_buffer_mb, 2),

@@ -11,7 +11,8 @@ shared machine hits both alike. Two measurements:
 - ``decode``: greedy generation of ``--new-tokens`` tokens after a 128-token prompt, with the KV
   cache, batch 1: new tokens/s.
 
-The file size of the dense model is that of its fp32 safetensors, saved to a temporary folder.
+The file size of the dense model is that of its fp32 safetensors, saved to a temporary folder by
+``ebft.export.save_model`` (as ``ebft prune`` saves; its report's ``saved_bytes`` counts the same files).
 Prints one JSON object.
 """
 
@@ -29,7 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit, machine_state, r, setup_logging  # noqa: E402
 from ebft.data import evaluation_tokens  # noqa: E402
-from ebft.models import load_model, prepare_for_saving  # noqa: E402
+from ebft.export import save_model  # noqa: E402
+from ebft.models import load_model  # noqa: E402
 
 
 def _file_bytes(folder: Path) -> int:
@@ -76,8 +78,7 @@ def main() -> int:
     prompt = tokens[:1, :128]
     models = {"dense": dense.model.eval(), "structured": pruned.model.eval()}
     with tempfile.TemporaryDirectory() as tmp:
-        prepare_for_saving(dense.model)
-        dense.model.save_pretrained(tmp, safe_serialization=True)
+        save_model(dense.model, dense.tokenizer, Path(tmp))  # as ebft prune saves its models
         dense_bytes = _file_bytes(Path(tmp))
 
     times: dict[str, dict[str, list[float]]] = {name: {"prefill": [], "decode": []} for name in models}
