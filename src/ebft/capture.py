@@ -10,6 +10,7 @@ ones). The last stub stops the forward, so the norm and the head never run.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -159,6 +160,32 @@ def capture_first_block_inputs(
             out[start : start + batch.shape[0]] = hidden.to("cpu", dtype)
     assert out is not None
     return out
+
+
+def head_logits(model: nn.Module, blocks: DecoderBlocks, input_ids: torch.Tensor, last_hidden: torch.Tensor
+                ) -> torch.Tensor:
+    """The model's logits for ``input_ids`` [b, seqlen], given what its last block returned for them.
+
+    The model's own forward runs with every block replaced by a pass-through (block 0 hands on
+    ``last_hidden``), so the final norm, the head and any logit processing are the architecture's
+    own; the blocks themselves need not be on the device, so a model is evaluated block by block.
+    """
+    def stub(*args: Any, _first: bool = False, **kwargs: Any) -> torch.Tensor:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return last_hidden.to(hidden.device, hidden.dtype) if _first else hidden
+
+    originals = [block.__dict__.get("forward") for block in blocks.blocks]
+    for index, block in enumerate(blocks.blocks):
+        block.forward = functools.partial(stub, _first=index == 0)
+    try:
+        with calibration_context(model):
+            return model(input_ids=input_ids.to(_input_device(model)), use_cache=False).logits
+    finally:
+        for block, original in zip(blocks.blocks, originals):
+            if original is None:
+                del block.forward
+            else:
+                block.forward = original
 
 
 def _input_device(model: nn.Module) -> torch.device:

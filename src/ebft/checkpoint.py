@@ -109,6 +109,20 @@ def plan_run(out: Path, config: dict[str, Any], overwrite: bool, resume: bool) -
     return "fresh"
 
 
+def check_resumable(out: Path, calib_fingerprint: str) -> None:
+    """Before any weight loads: the unfinished run of ``out`` saw these very calibration windows."""
+    work = work_dir(out)
+    state = _read_state(work)
+    if state is not None:
+        _check_fingerprint(work, state, calib_fingerprint)
+
+
+def _check_fingerprint(work: Path, state: dict[str, Any], calib_fingerprint: str) -> None:
+    if state["fingerprint"] != calib_fingerprint:
+        raise EbftError(f"--resume: the calibration windows differ from those of the unfinished run in "
+                        f"{work} (did the data change?); pass --overwrite to start over")
+
+
 def _other_settings(work: Path, diff: str) -> UsageError:
     return UsageError(f"--resume: the unfinished run in {work} was started with other settings ({diff}); "
                       "repeat its flags or pass --overwrite to start over")
@@ -171,9 +185,7 @@ class Checkpoint:
                 diff = config_diff(state["config"], config)
                 if diff is not None:
                     raise _other_settings(work, diff)
-                if state["fingerprint"] != calib_fingerprint:
-                    raise EbftError(f"--resume: the calibration windows differ from those of the unfinished run in "
-                                    f"{work} (did the data change?); pass --overwrite to start over")
+                _check_fingerprint(work, state, calib_fingerprint)
                 state["resumes"].append(state["done"])
                 state["config"] = config
                 logger.info("resuming %s after %d finished blocks", out, state["done"])
@@ -211,6 +223,11 @@ class Checkpoint:
     @property
     def resumes(self) -> list[int]:
         return list(self.state["resumes"])
+
+    def remember(self, key: str, value: Any) -> None:
+        """Keep ``value`` in the run's state (run.json), for a resumed run to reuse."""
+        self.state[key] = value
+        write_json(self.folder / "run.json", self.state)
 
     def _block_file(self, index: int) -> Path:
         return self.folder / "blocks" / f"{index:05d}.safetensors"
@@ -296,6 +313,9 @@ class CheckpointFollower(Checkpoint):
     def save_block(self, index: int, block: nn.Module, masks: dict[str, torch.Tensor], hidden: torch.Tensor,
                    report: dict[str, Any]) -> None:
         self.state.update(done=index + 1, blocks=[*self.state["blocks"], report])
+
+    def remember(self, key: str, value: Any) -> None:
+        self.state[key] = value
 
     def stage_model(self, *args: Any, **kwargs: Any) -> None:
         raise RuntimeError("only rank 0 saves the model")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import logging.handlers
 import os
 import signal
 import sys
@@ -102,13 +103,21 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
+    from ebft.distributed import torchrun_world
     from ebft.finetune import ModelResult
-    from ebft.runner import run_prune
+    from ebft.runner import preflight, run_prune
 
     cfg = _run_config(args)
+    world = torchrun_world()
+    if world is not None:  # the device each process of a torchrun job gets, checked first
+        from ebft.distributed import process_device
+
+        process_device(cfg.device, world[2])
+    with _held_logs(args.debug):  # a failed check is one line; its progress logs are not shown
+        checked = preflight(cfg, overwrite=args.overwrite, resume=args.resume, processes=world[1] if world else 1)
     dist = _join_torchrun(cfg.device)
     try:
-        report = run_prune(cfg, overwrite=args.overwrite, resume=args.resume, dist=dist)
+        report = run_prune(cfg, overwrite=args.overwrite, resume=args.resume, dist=dist, checked=checked)
     finally:
         if dist is not None:
             dist.close()
@@ -131,6 +140,11 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         if report.restored_blocks:
             print(f"blocks given back their untuned pruned weights (see 'restored' in report.json): "
                   f"{', '.join(map(str, report.restored_blocks))}")
+    if report.model_guard is not None:
+        from ebft.guard import kept_blocks_text
+
+        for line in kept_blocks_text(report.model_guard):
+            print(line)
     if report.resumed:
         done = ", ".join(str(n) for n in report.resumed)
         print(f"resumed {len(report.resumed)} time(s), with {done} block(s) already finished")
@@ -140,6 +154,25 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         print(f"perplexity on {source}: {ppl:.3f}")
     print(f"wrote {args.out}/model and {args.out}/report.json in {report.timings['total']:.0f} s")
     return 0
+
+
+@contextlib.contextmanager
+def _held_logs(debug: bool) -> Iterator[None]:
+    """Log records made inside wait: shown once the block succeeds, dropped if it raises (unless ``debug``),
+    so that a failed check prints its one-line error and nothing else."""
+    if debug:
+        yield
+        return
+    root = logging.getLogger()
+    handlers = root.handlers[:]
+    held = logging.handlers.BufferingHandler(capacity=1_000_000)
+    root.handlers = [held]
+    try:
+        yield
+    finally:
+        root.handlers = handlers
+    for record in held.buffer:  # only reached on success
+        root.handle(record)
 
 
 def _join_torchrun(device: str):

@@ -187,6 +187,10 @@ class FinetuneConfig:
     patience: int | None = setting(None, kind="int", training=True,
                                    help="stop a block's tuning after this many epochs without held-out improvement, "
                                         "keeping the best epoch (none: off)")
+    model_guard: bool = setting(True, training=True,
+                                help="judge the repaired model against the pruned-only one on the held-out windows "
+                                     "(KL to the dense model) and keep the repair only where it helps "
+                                     "(--no-model-guard: keep it all)")
     options: Any = options_field()  # the method's own options (its registered dataclass)
 
     def __post_init__(self) -> None:
@@ -208,6 +212,8 @@ class FinetuneConfig:
                      low=0.0, high=1.0)
         if self.patience is not None:
             _positive_int(self.patience, "--patience")
+        if not isinstance(self.model_guard, bool):
+            raise UsageError(f"--model-guard is on or off (true or false in a sweep); got {self.model_guard!r}")
 
 
 @dataclass

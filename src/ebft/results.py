@@ -47,7 +47,7 @@ class BlockReport:
 
 
 #: RunReport fields that ``to_dict`` leaves out while they are None, as report.json always has.
-_OPTIONAL = ("eval_dense", "resumed", "structured", "model_stage")
+_OPTIONAL = ("eval_dense", "resumed", "structured", "model_stage", "precision_choice", "model_guard")
 
 
 @dataclass
@@ -60,6 +60,7 @@ class RunReport:
     device: str
     precision: str | None  # the resolved training precision (None: nothing was trained)
     host: dict[str, Any]
+    precision_choice: dict[str, Any] | None = None  # how --precision was resolved (auto: the measured rates)
     blocks: list[BlockReport] = field(default_factory=list)
     sparsity: dict[str, Any] = field(default_factory=dict)  # overall, per_layer, weights_zero
     eval: dict[str, float] = field(default_factory=dict)  # source -> perplexity
@@ -70,6 +71,7 @@ class RunReport:
     resumed: list[int] | None = None  # finished blocks at each resume
     structured: dict[str, Any] | None = None  # the structured plan and its parameter counts
     model_stage: dict[str, Any] | None = None  # a whole-model fine-tuner's ModelResult
+    model_guard: dict[str, Any] | None = None  # what the model-level guard measured and decided
 
     @property
     def method(self) -> str:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import platform
 import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,17 +16,27 @@ import torch
 from torch import nn
 
 import ebft
-from ebft.checkpoint import Checkpoint, CheckpointCallback, fingerprint, plan_run, publish_staged, read_report, work_dir
-from ebft.config import RunConfig
+from ebft.checkpoint import (
+    Checkpoint,
+    CheckpointCallback,
+    check_resumable,
+    fingerprint,
+    plan_run,
+    publish_staged,
+    read_report,
+    work_dir,
+)
+from ebft.config import PRECISIONS, FinetuneConfig, RunConfig
 from ebft.data import calibration_windows, evaluation_tokens, load_documents, parse_source
 from ebft.errors import EbftError, UsageError
 from ebft.eval import perplexity
 from ebft.export import save_model
 from ebft.finetune import FINETUNERS, BlockFinetuner, ModelFinetuner, make_finetuner
 from ebft.fsio import existing_ancestor
-from ebft.models import SUPPORTED_MODEL_TYPES, find_blocks, load_model
+from ebft.guard import ModelGuard
+from ebft.models import SUPPORTED_MODEL_TYPES, find_blocks, load_model, load_tokenizer
 from ebft.models.loading import load_config
-from ebft.precision import resolve_precision
+from ebft.precision import PrecisionChoice, resolve_for_block
 from ebft.results import RunReport
 from ebft.sparsity import mask_stats, weight_sparsity
 from ebft.walk import BlockWalk, Callback, check_nm_divisible, holdout_count, make_compressor
@@ -46,8 +58,44 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def validate_inputs(cfg: RunConfig, overwrite: bool = False, resume: bool = False, processes: int = 1) -> str | None:
-    """Every check that needs no model weights: output folder, flags, data sources, model, disk space.
+@dataclass
+class Checked:
+    """What the checks before the weights load found: what ``--out`` allows, and the data, tokenized."""
+
+    plan: str | None  # see ebft.checkpoint.plan_run; None without --out
+    calib: torch.Tensor | None = None  # [nsamples, seqlen] calibration windows
+    eval_windows: dict[str, torch.Tensor] = field(default_factory=dict)  # source -> [windows, seqlen]
+    tokenizer: Any = None
+    seconds: float = 0.0
+
+
+def preflight(cfg: RunConfig, overwrite: bool = False, resume: bool = False, processes: int = 1,
+              tokenizer: Any = None, windows: bool = True) -> Checked:
+    """Every check that needs only the config, the tokenizer and the data, before any weight loads.
+
+    :func:`validate_inputs`, then (with ``windows``) the tokenizer (``tokenizer``, or the model's own,
+    loaded alone) cuts the calibration windows and every evaluation source's windows: a text shorter
+    than a window fails here, in seconds, not after minutes of loading. A resumed run's calibration
+    windows must be those it started with.
+    """
+    start = time.perf_counter()
+    plan = validate_inputs(cfg, overwrite, resume, processes, read_data=not windows)
+    if plan in ("finished", "publish") or not windows:
+        return Checked(plan, seconds=time.perf_counter() - start)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
+    calib = calibration_windows(tokenizer, cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen, cfg.calib.seed,
+                                data_dir=cfg.data_dir)
+    eval_windows = {source: evaluation_tokens(tokenizer, source, cfg.eval.seqlen, cfg.eval.max_windows,
+                                              data_dir=cfg.data_dir) for source in cfg.eval.sources}
+    if plan == "resume":
+        check_resumable(Path(cfg.out), fingerprint(calib))  # type: ignore[arg-type]
+    return Checked(plan, calib, eval_windows, tokenizer, time.perf_counter() - start)
+
+
+def validate_inputs(cfg: RunConfig, overwrite: bool = False, resume: bool = False, processes: int = 1,
+                    read_data: bool = True) -> str | None:
+    """Every check that needs no model weights and no tokenizer: output folder, flags, data sources
+    (read, with ``read_data``), model config, disk space.
 
     Returns what ``--out`` allows (see :func:`ebft.checkpoint.plan_run`), or ``None`` without ``--out``.
     """
@@ -75,9 +123,10 @@ def validate_inputs(cfg: RunConfig, overwrite: bool = False, resume: bool = Fals
     check_context_length(config, cfg.calib.seqlen, "--seqlen")
     if cfg.eval.sources:
         check_context_length(config, cfg.eval.seqlen, "--eval-seqlen")
-    load_documents(cfg.calib.source, "calibration", cfg.data_dir)
-    for source in cfg.eval.sources:
-        load_documents(source, "evaluation", cfg.data_dir)
+    if read_data:
+        load_documents(cfg.calib.source, "calibration", cfg.data_dir)
+        for source in cfg.eval.sources:
+            load_documents(source, "evaluation", cfg.data_dir)
     skeleton = meta_model(config)
     if skeleton is not None:
         check_nm_divisible(find_blocks(skeleton), cfg.prune.nm)
@@ -178,19 +227,25 @@ def evaluate_all(model: nn.Module, windows: dict[str, torch.Tensor], device: tor
 
 def run_prune(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer: tuple[nn.Module, Any] | None = None,
               resume: bool = False, windows: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None,
-              dist: DistContext | None = None, callbacks: Sequence[Callback] = ()) -> RunReport:
+              dist: DistContext | None = None, callbacks: Sequence[Callback] = (),
+              checked: Checked | None = None) -> RunReport:
     """Run the whole job described by ``cfg``; returns the report (also written to ``cfg.out``).
 
     ``windows``: the calibration ids and the evaluation ids by source, already built for ``cfg``
     with this tokenizer (``ebft.sweep`` builds them once for many runs); default: built here.
     ``callbacks`` join the block walk (:class:`ebft.walk.Callback`), after the checkpoint's.
+    ``checked``: what :func:`preflight` returned for ``cfg`` (default: it runs here).
 
     With ``cfg.out``, every finished block is checkpointed next to it (``ebft.checkpoint``); a run
     that stopped for any reason continues with ``resume=True``. ``cfg.out`` appears only at the end.
     """
     t0 = time.perf_counter()
-    timings: dict[str, float] = {}
-    plan = validate_inputs(cfg, overwrite, resume, processes=1 if dist is None else dist.world_size)
+    if checked is None:
+        given = model_and_tokenizer[1] if model_and_tokenizer is not None else None
+        checked = preflight(cfg, overwrite, resume, processes=1 if dist is None else dist.world_size,
+                            tokenizer=given, windows=windows is None)
+    timings: dict[str, float] = {"checks": checked.seconds}
+    plan = checked.plan
     if dist is not None:  # torchrun: every process has checked --out before rank 0 writes to it
         dist.barrier()
         if plan in ("finished", "publish") and not dist.is_main:
@@ -205,7 +260,7 @@ def run_prune(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer: tupl
     device = resolve_device(cfg.device) if dist is None else dist.device
 
     if model_and_tokenizer is None:
-        loaded = load_model(cfg.model)
+        loaded = load_model(cfg.model, tokenizer=checked.tokenizer)
         model, tokenizer, resolved = loaded.model, loaded.tokenizer, loaded.resolved
     else:
         (model, tokenizer), resolved = model_and_tokenizer, cfg.model
@@ -213,20 +268,8 @@ def run_prune(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer: tupl
     tuner = make_finetuner(cfg.finetune, seed=cfg.calib.seed)
     if isinstance(tuner, ModelFinetuner):
         tuner.check(model)
-    timings["load"] = time.perf_counter() - t0
-
-    t = time.perf_counter()
-    if windows is not None:
-        calib, eval_windows = windows
-    else:
-        calib = calibration_windows(
-            tokenizer, cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen, cfg.calib.seed, data_dir=cfg.data_dir
-        )
-        eval_windows = {
-            source: evaluation_tokens(tokenizer, source, cfg.eval.seqlen, cfg.eval.max_windows, data_dir=cfg.data_dir)
-            for source in cfg.eval.sources
-        }
-    timings["data"] = time.perf_counter() - t
+    timings["load"] = time.perf_counter() - t0 - checked.seconds
+    calib, eval_windows = windows if windows is not None else (checked.calib, checked.eval_windows)
 
     report = RunReport(
         ebft_version=ebft.__version__,
@@ -239,7 +282,7 @@ def run_prune(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer: tupl
             "blocks": len(find_blocks(model)),
         },
         device=str(device),
-        precision=resolve_precision(cfg.finetune.precision, device) if tuner is not None else None,
+        precision=None,
         host={"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()},
         timings=timings,
     )
@@ -256,10 +299,18 @@ def run_prune(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer: tupl
         dist.barrier()
         if out is not None and not dist.is_main:
             checkpoint = Checkpoint.follow(out)
-    walk_callbacks = [*([CheckpointCallback(checkpoint)] if checkpoint is not None else []), *callbacks]
+    guard = None
+    if tuner is not None and cfg.finetune.model_guard:
+        guard = ModelGuard(checkpoint.folder / "guard" if checkpoint is not None else None)
+    walk_callbacks = [*([guard] if guard is not None else []),  # before the checkpoint's: it sees the dense model
+                      *([CheckpointCallback(checkpoint)] if checkpoint is not None else []), *callbacks]
     try:
-        model = _prune_and_evaluate(cfg, model, tuner, calib, eval_windows, device, report, walk_callbacks,
-                                    checkpoint, dist)
+        finetune = cfg.finetune
+        if tuner is not None:
+            finetune = _resolve_precision(cfg, model, device, report, checkpoint, dist)
+            tuner.config = finetune
+        model = _prune_and_evaluate(cfg, finetune, model, tuner, calib, eval_windows, device, report,
+                                    walk_callbacks, checkpoint, dist, guard)
         if dist is not None and not dist.is_main:
             return report  # rank 0 evaluates, saves and reports
         if checkpoint is not None:
@@ -277,19 +328,46 @@ def run_prune(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer: tupl
         if checkpoint is not None:
             _keep_or_discard(checkpoint, len(find_blocks(model)))
         raise
+    finally:
+        if guard is not None:
+            guard.close()
     return report
 
 
-def _prune_and_evaluate(cfg: RunConfig, model: nn.Module, tuner: Any, calib: torch.Tensor,
+def _resolve_precision(cfg: RunConfig, model: nn.Module, device: torch.device, report: RunReport,
+                       checkpoint: Checkpoint | None, dist: DistContext | None) -> FinetuneConfig:
+    """``cfg.finetune`` with ``--precision auto`` decided (by timing the blocks' GEMMs on the CPU), into
+    the report; a resumed run keeps the choice it started with, and under torchrun every process takes
+    rank 0's."""
+    previous = checkpoint.state.get("precision") if checkpoint is not None else None
+    if previous is not None:
+        choice = PrecisionChoice(previous["precision"], f"{previous['reason']} (when the run started)",
+                                 previous.get("gflops", {}))
+        finetune = dataclasses.replace(cfg.finetune, precision=choice.precision)
+    else:
+        finetune, choice = resolve_for_block(cfg.finetune, find_blocks(model).blocks[0], device, cfg.calib.seqlen)
+    if dist is not None:
+        picked = torch.tensor([PRECISIONS.index(finetune.precision)], device=dist.device)
+        dist.broadcast_([picked])
+        if PRECISIONS[int(picked)] != finetune.precision:
+            choice = PrecisionChoice(PRECISIONS[int(picked)], "rank 0's choice")
+            finetune = dataclasses.replace(cfg.finetune, precision=choice.precision)
+    if checkpoint is not None and previous is None:
+        checkpoint.remember("precision", choice.to_dict())
+    report.precision, report.precision_choice = choice.precision, choice.to_dict()
+    return finetune
+
+
+def _prune_and_evaluate(cfg: RunConfig, finetune: FinetuneConfig, model: nn.Module, tuner: Any, calib: torch.Tensor,
                         eval_windows: dict[str, torch.Tensor], device: torch.device, report: RunReport,
                         callbacks: list[Callback], checkpoint: Checkpoint | None,
-                        dist: DistContext | None = None) -> nn.Module:
+                        dist: DistContext | None = None, guard: ModelGuard | None = None) -> nn.Module:
     """The block walk (+ a whole-model stage), sparsity statistics and evaluation, into ``report``."""
     timings = report.timings
     t = time.perf_counter()
     torch.manual_seed(cfg.calib.seed)
     block_tuner = tuner if isinstance(tuner, BlockFinetuner) else None
-    walk = BlockWalk(model, calib, make_compressor(model, cfg.prune), block_tuner, cfg.finetune, device,
+    walk = BlockWalk(model, calib, make_compressor(model, cfg.prune), block_tuner, finetune, device,
                      seed=cfg.calib.seed, callbacks=callbacks, dist=dist, offload_dir=_offload_dir(cfg))
     result = walk.run()
     report.structured = result.summary if cfg.prune.structured is not None else None
@@ -301,9 +379,16 @@ def _prune_and_evaluate(cfg: RunConfig, model: nn.Module, tuner: Any, calib: tor
         report.resumed = checkpoint.resumes  # finished blocks at each resume
     if isinstance(tuner, ModelFinetuner):
         t = time.perf_counter()
+        if guard is not None:
+            guard.before_model_stage(model)
         model, stage = tuner.tune_model(model, calib, result.masks, device)
         timings[tuner.name] = time.perf_counter() - t
         report.model_stage = stage.to_dict()
+    if guard is not None:
+        t = time.perf_counter()
+        decided = guard.check(model, whole_model=isinstance(tuner, ModelFinetuner))
+        report.model_guard = decided.to_dict() if decided is not None else None
+        timings["model_guard"] = time.perf_counter() - t
     stats = mask_stats(result.masks)
     linears = find_blocks(model).all_linears()
     zeros = sum(weight_sparsity(linears[n].weight.data) * linears[n].weight.numel() for n in linears)

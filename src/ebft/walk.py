@@ -142,7 +142,8 @@ class Callback:
     """Joins the walk at its fixed points; every hook gets the :class:`BlockWalk` and may read its state.
 
     ``on_targets`` comes right after the dense pass (``walk.targets`` holds the dense outputs, the
-    block is not compressed yet); ``on_tuned`` after the tuner and the keep-or-restore decision
+    block is not compressed yet); ``on_compressed`` once it is (``walk.block`` holds its untuned
+    compressed weights); ``on_tuned`` after the tuner and the keep-or-restore decision
     (``walk.block`` holds the weights that stay); ``on_block_end`` once ``walk.hidden`` holds the
     next block's inputs and ``walk.masks`` the block's final masks.
     """
@@ -150,6 +151,7 @@ class Callback:
     def on_walk_start(self, walk: BlockWalk) -> None: ...
     def on_block_start(self, walk: BlockWalk, index: int) -> None: ...
     def on_targets(self, walk: BlockWalk, index: int) -> None: ...
+    def on_compressed(self, walk: BlockWalk, index: int) -> None: ...
     def on_tuned(self, walk: BlockWalk, index: int, report: BlockReport) -> None: ...
     def on_block_end(self, walk: BlockWalk, index: int, report: BlockReport) -> None: ...
     def on_walk_end(self, walk: BlockWalk, result: WalkResult) -> None: ...
@@ -375,6 +377,7 @@ class BlockWalk:
                 dense_weights = {name + ".weight": m.weight.detach().clone() for name, m in block.named_modules()
                                  if isinstance(m, nn.Linear)}
             compression = self.compressor.compress(block, index, blocks)
+        self._notify("on_compressed", index)
         if self.tuner is None:
             with calibration_context(self.model):
                 # each batch is compared with its targets before its outputs overwrite them
@@ -502,9 +505,13 @@ def prune_and_finetune(model: nn.Module, calib_ids: torch.Tensor, prune: PruneCo
     it with ``finetune``'s block fine-tuner (a whole-model method runs after the walk, see
     :func:`ebft.runner.run_prune`). ``options``: the other :class:`BlockWalk` arguments."""
     from ebft.finetune import make_finetuner
+    from ebft.precision import resolve_for_block
 
     tuner = make_finetuner(finetune, seed=seed)
     if tuner is not None and tuner.kind != "block":
         tuner = None
+    if tuner is not None:  # --precision auto: decided once, for every block
+        finetune, _ = resolve_for_block(finetune, find_blocks(model).blocks[0], device, calib_ids.shape[1])
+        tuner.config = finetune
     return BlockWalk(model, calib_ids, make_compressor(model, prune), tuner, finetune, device, seed=seed,
                      callbacks=callbacks, **options).run()

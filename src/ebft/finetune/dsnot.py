@@ -169,7 +169,7 @@ class DSnoT(MaskRefiner):
     """
 
     what = "dsnot"
-    reads = frozenset({"batch_size", "holdout_fraction"})  # its forward passes, and the windows it may see
+    reads = frozenset({"batch_size", "holdout_fraction", "model_guard"})  # its passes, the windows it may see
 
     def observe(self, modules: dict[str, nn.Module]) -> contextlib.AbstractContextManager:
         self._stats = {key: _StatsAccumulator() for key in modules}

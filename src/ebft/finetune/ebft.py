@@ -22,7 +22,7 @@ from ebft.errors import EbftError, UsageError
 from ebft.finetune.base import BlockFinetuner, BlockResult, register_finetuner
 from ebft.finetune.loop import block_mse_loss, train_steps
 from ebft.models.blocks import block_device
-from ebft.precision import resolve_precision
+from ebft.precision import block_shapes, resolve_precision
 from ebft.settings import setting
 
 logger = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class EBFT(BlockFinetuner):
     ) -> BlockResult:
         cfg = self.config
         device = block_device(block)
-        precision = resolve_precision(cfg.precision, device)
+        precision = resolve_precision(cfg.precision, device, block_shapes(block), cfg.batch_size * inputs.shape[1])
         params = dict(block.named_parameters())
         unknown = set(masks) - set(params)
         if unknown:

@@ -48,7 +48,7 @@ from ebft.errors import EbftError
 from ebft.finetune.base import BlockResult, MaskRefiner, register_finetuner
 from ebft.finetune.loop import block_mse_loss, train_steps
 from ebft.models.blocks import block_device
-from ebft.precision import resolve_precision
+from ebft.precision import block_shapes, resolve_precision
 from ebft.settings import check_finite, setting
 from ebft.sparsity.patterns import MaskStructure, detect_structure, topk_mask
 
@@ -149,7 +149,7 @@ class EBFTMask(MaskRefiner):
                result: BlockResult) -> dict[str, Tensor] | None:
         cfg = self.config
         device = block_device(block)
-        precision = resolve_precision(cfg.precision, device)
+        precision = resolve_precision(cfg.precision, device, block_shapes(block), cfg.batch_size * inputs.shape[1])
         block.train(False)  # no dropout: targets were computed in eval mode
         structures = {key: detect_structure(mask) for key, mask in masks.items()}
         scores = {key: init_scores(mask.to(dense[key].device), dense[key], self.options.margin).requires_grad_(True)

@@ -4,7 +4,7 @@ Unlike the block tuners, this runs after pruning is finished (block-wise, withou
 
 1. wrap the decoder blocks' linear layers (not the embeddings or ``lm_head``) in ``peft`` LoRA adapters;
 2. train only the adapters with the causal-LM loss on the calibration windows (AdamW, linear decay to 0,
-   gradient-norm clipping, autocast as :func:`~ebft.finetune.base.resolve_precision` says);
+   gradient-norm clipping, autocast as :func:`ebft.precision.resolve_precision` says);
 3. merge the adapters into the weights (``merge_and_unload``) and multiply every pruned layer by its
    keep-mask: the merged update ``alpha/r * BA`` is dense, so masking it keeps the model exactly as
    sparse as the pruned one. A pruned weight that is not exactly 0.0 afterwards is an error.
@@ -32,7 +32,7 @@ from ebft.errors import EbftError, UsageError
 from ebft.finetune.base import ModelFinetuner, ModelResult, register_finetuner
 from ebft.finetune.loop import train_steps
 from ebft.models.adapter import find_blocks
-from ebft.precision import autocast_context, resolve_precision
+from ebft.precision import autocast_context, block_shapes, resolve_precision
 from ebft.settings import check_finite, setting
 
 logger = logging.getLogger(__name__)
@@ -142,7 +142,8 @@ def lora_finetune(
     peft = import_peft()
     opts = options if options is not None else cfg.options if isinstance(cfg.options, LoraOptions) else LoraOptions()
     target_names = lora_target_names(model, opts.targets)
-    precision = resolve_precision(cfg.precision, device)
+    precision = resolve_precision(cfg.precision, device, block_shapes(find_blocks(model).blocks[0]),
+                                  cfg.batch_size * calib_ids.shape[1])
     result = ModelResult("lora", "causal-LM loss", details={"targets": len(target_names)})
     start = time.perf_counter()
 

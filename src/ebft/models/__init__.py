@@ -1,7 +1,7 @@
 """Load causal LMs (hub id, local folder, GGUF file, built-in alias) and find their decoder blocks."""
 
 from ebft.models.adapter import SUPPORTED_MODEL_TYPES, DecoderBlocks, find_blocks
-from ebft.models.loading import ALIASES, LoadedModel, load_model, prepare_for_saving
+from ebft.models.loading import ALIASES, LoadedModel, load_model, load_tokenizer, prepare_for_saving
 
 __all__ = [
     "ALIASES",
@@ -10,5 +10,6 @@ __all__ = [
     "LoadedModel",
     "find_blocks",
     "load_model",
+    "load_tokenizer",
     "prepare_for_saving",
 ]

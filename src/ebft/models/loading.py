@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -72,35 +75,101 @@ def resolve_model(spec: str) -> _Location:
     return _Location(spec)
 
 
+CACHE_ENV = "EBFT_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    """Where ebft keeps what it derives from input files: ``$EBFT_CACHE_DIR``, else ``~/.cache/ebft``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ebft"
+
+
+def _gguf_metadata(where: _Location) -> Path | None:
+    """A folder with the config and tokenizer of a GGUF file in Hugging Face form, made on first use.
+
+    Parsing them out of a GGUF takes transformers seconds each time (the tokenizer's vocabulary is
+    read field by field); from the folder, both load in well under a second. The folder is keyed by
+    the file's path, size and modification time, so a changed file gets a new one. ``None`` when
+    the cache cannot be written: the GGUF is then read directly.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ebft.fsio import atomic_dir
+
+    path = Path(where.path_or_id) / where.gguf_file  # type: ignore[operator]
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:24]
+    folder = cache_dir() / "gguf" / f"{path.stem}-{key}"
+    if (folder / "config.json").is_file():
+        return folder
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        config = AutoConfig.from_pretrained(where.path_or_id, gguf_file=where.gguf_file)
+        tokenizer = AutoTokenizer.from_pretrained(where.path_or_id, gguf_file=where.gguf_file)
+        with atomic_dir(folder, overwrite=True) as tmp:
+            tokenizer.save_pretrained(tmp)
+            config.save_pretrained(tmp)  # last: config.json marks the folder complete
+    except OSError as exc:
+        logger.debug("cannot cache the metadata of %s in %s (%s); reading the GGUF each time", path, folder, exc)
+        return None
+    logger.debug("cached the config and tokenizer of %s in %s", path, folder)
+    return folder
+
+
+def _metadata_location(where: _Location) -> _Location:
+    """Where the config and tokenizer load from: a GGUF's cached metadata folder, else ``where`` itself."""
+    if where.gguf_file:
+        folder = _gguf_metadata(where)
+        if folder is not None:
+            return _Location(str(folder))
+    return where
+
+
 def load_config(spec: str):
     """Load only the model's configuration (fast), to validate the architecture before heavy work."""
     from transformers import AutoConfig
 
     where = resolve_model(spec)
     try:
+        where = _metadata_location(where)
         return AutoConfig.from_pretrained(where.path_or_id, gguf_file=where.gguf_file)
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EbftError(f"could not load model {spec!r}: {first}") from None
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a causal LM and its tokenizer onto the CPU.
+def load_tokenizer(spec: str) -> Any:
+    """The model's tokenizer alone (seconds), so that the data can be checked before the weights load."""
+    from transformers import AutoTokenizer
+
+    where = resolve_model(spec)
+    try:
+        where = _metadata_location(where)
+        return AutoTokenizer.from_pretrained(where.path_or_id, gguf_file=where.gguf_file)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EbftError(f"could not load the tokenizer of model {spec!r}: {first}") from None
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32, tokenizer: Any = None) -> LoadedModel:
+    """Load a causal LM and its tokenizer (unless ``tokenizer`` is given) onto the CPU.
 
     ``spec`` is an alias (``smollm2-135m``), a ``.gguf`` file (dequantized by transformers), a
     local Hugging Face folder or a hub id.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     where = resolve_model(spec)
     start = time.perf_counter()
     logger.info("loading model %s", spec)
     try:
         model = AutoModelForCausalLM.from_pretrained(where.path_or_id, gguf_file=where.gguf_file, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(where.path_or_id, gguf_file=where.gguf_file)
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EbftError(f"could not load model {spec!r}: {first}") from None
+    if tokenizer is None:
+        tokenizer = load_tokenizer(spec)
     model.eval()
     if where.gguf_file:
         prepare_for_saving(model)

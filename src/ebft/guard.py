@@ -1,0 +1,315 @@
+"""The model-level guard: a repaired model is kept only where it is no worse than pruning alone.
+
+The block guard (``--holdout-fraction``) judges each block by its own output error, but a block can
+lower that and still make the model worse. So before the walk, the dense model's next-token
+distribution on the guard windows (the calibration windows held out of block tuning) is recorded
+compactly: per token the top-``k`` log-probabilities and their vocabulary ids, the rest of the mass
+as one bucket. After the run the repaired model and the pruned-only model (the same masks, every
+block as it was before tuning) are compared there by KL(dense || model) over that coarsened
+distribution (a lower bound of the full KL) and by the cross-entropy of the windows' next tokens.
+
+If the repair has the lower KL it stays. Otherwise, after a block-wise repair, blocks keep their
+tuning only where that helps: from the pruned-only model, each block in order gets its tuned weights
+back and keeps them only if the KL drops (the outcome is never worse than pruning alone on these
+windows). After a whole-model stage the model falls back to its pruned-only weights. Each block's
+untuned state is saved when it is compressed (in the run's work folder, so that a resumed run has
+them) and is the only copy of the model the guard makes; evaluation runs block by block.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ebft.capture import calibration_context, capture_first_block_inputs, head_logits
+from ebft.fsio import atomic_write
+from ebft.models.blocks import block_device, move_non_block_modules, move_to, run_block
+from ebft.walk import BlockWalk, Callback
+
+logger = logging.getLogger(__name__)
+
+#: How many of the dense model's most likely next tokens are kept per position.
+TOP_K = 64
+
+
+@dataclass
+class Reference:
+    """The dense model's next-token distribution on the guard windows, kept compactly."""
+
+    ids: torch.Tensor  # [n, seqlen] the guard windows
+    top_ids: torch.Tensor  # [n, seqlen - 1, k] int64, the dense model's most likely next tokens
+    top_logp: torch.Tensor  # [n, seqlen - 1, k] float32, their log-probabilities
+    rest_logp: torch.Tensor  # [n, seqlen - 1] float32, log of the probability of every other token
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {"ids": self.ids, "top_ids": self.top_ids, "top_logp": self.top_logp, "rest_logp": self.rest_logp}
+
+
+@dataclass
+class Scores:
+    kl: float  # mean KL(dense || model) per predicted token, over the top-k + rest coarsening
+    cross_entropy: float  # mean negative log-likelihood of the windows' next tokens
+
+    def to_dict(self) -> dict[str, float]:
+        return {"kl": self.kl, "cross_entropy": self.cross_entropy}
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, clamped so that a mass of zero stays finite."""
+    return torch.log(torch.clamp(-torch.expm1(torch.clamp(x, max=0.0)), min=1e-12))
+
+
+def reference_from_logits(logits: torch.Tensor, ids: torch.Tensor, k: int = TOP_K) -> Reference:
+    """The compact reference of ``logits`` [n, seqlen, vocab] for ``ids`` [n, seqlen]."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    top_logp, top_ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
+    return Reference(ids.cpu(), top_ids.cpu(), top_logp.cpu(), _log1mexp(torch.logsumexp(top_logp, -1)).cpu())
+
+
+def score_sums(logits: torch.Tensor, ref: Reference, rows: slice) -> tuple[float, float, int]:
+    """Summed KL and cross-entropy of ``logits`` [b, seqlen, vocab] against ``ref``'s windows ``rows``."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    device = logp.device
+    ids = ref.ids[rows, 1:].to(device)
+    top_ids, top_logp, rest_logp = (t[rows].to(device) for t in (ref.top_ids, ref.top_logp, ref.rest_logp))
+    model_top = logp.gather(-1, top_ids)
+    model_rest = _log1mexp(torch.logsumexp(model_top, -1))
+    kl = (top_logp.exp() * (top_logp - model_top)).sum(-1) + rest_logp.exp() * (rest_logp - model_rest)
+    ce = -logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    return float(kl.double().sum()), float(ce.double().sum()), ids.numel()
+
+
+# ----------------------------------------------------------------------------- block-by-block forward
+
+
+class _BlockRunner:
+    """Runs the model block by block on the guard windows, each block on the device only while it runs.
+
+    ``state_for(i)`` may give another state for block ``i``: a copy of the block runs with it, and the
+    model itself is not changed.
+    """
+
+    def __init__(self, model: nn.Module, walk: BlockWalk, ids: torch.Tensor) -> None:
+        self.model, self.blocks, self.ids = model, walk.blocks, ids
+        self.kwargs, self.device, self.batch_size = walk.block_kwargs, walk.device, walk.batch_size
+
+    def embed(self) -> torch.Tensor:
+        return capture_first_block_inputs(self.model, self.blocks, self.ids, batch_size=self.batch_size)
+
+    def run(self, hidden: torch.Tensor, first: int, last: int,
+            state_for: Callable[[int], dict[str, torch.Tensor] | None] = lambda i: None) -> torch.Tensor:
+        """``hidden`` (entering block ``first``, changed in place) after blocks ``first`` .. ``last - 1``."""
+        with calibration_context(self.model):
+            for index in range(first, last):
+                block = self.blocks.blocks[index]
+                state = state_for(index)
+                if state is not None:
+                    block = copy.deepcopy(block)
+                    block.load_state_dict(state)
+                home = block_device(block)
+                block.to(self.device)
+                run_block(block, hidden, move_to(self.kwargs[index], self.device), self.batch_size, out=hidden)
+                block.to(home)
+        return hidden
+
+    def scores(self, hidden: torch.Tensor, ref: Reference) -> Scores:
+        """KL and cross-entropy of the logits the head gives for ``hidden`` (the last block's outputs)."""
+        kl = ce = 0.0
+        count = 0
+        with torch.no_grad():
+            for start in range(0, hidden.shape[0], self.batch_size):
+                rows = slice(start, start + self.batch_size)
+                logits = head_logits(self.model, self.blocks, self.ids[rows], hidden[rows].to(self.device))
+                k, c, n = score_sums(logits, ref, rows)
+                kl, ce, count = kl + k, ce + c, count + n
+        return Scores(kl / count, ce / count)
+
+
+# ----------------------------------------------------------------------------- the guard
+
+
+@dataclass
+class GuardReport:
+    """What the model-level guard measured and decided (``report.json``'s ``model_guard``)."""
+
+    windows: int
+    tokens: int
+    top_k: int
+    repaired: dict[str, float] = field(default_factory=dict)  # Scores of the model the run made
+    pruned: dict[str, float] = field(default_factory=dict)  # Scores of the pruned-only model
+    kept: dict[str, float] = field(default_factory=dict)  # Scores of the model the guard kept
+    decision: str = ""
+    tuned_blocks: list[int] = field(default_factory=list)  # blocks whose tuning was kept
+    reverted_blocks: list[int] = field(default_factory=list)  # blocks given back their pruned-only weights
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+class ModelGuard(Callback):
+    """The walk's side of the guard: the dense reference at the start, each block's untuned state.
+
+    It must come before the checkpoint's callback, so that it sees the dense model before a resumed
+    run's finished blocks are loaded. ``folder`` keeps the reference and the untuned states (the run's
+    work folder; default: a temporary folder, removed by :meth:`close`).
+    """
+
+    def __init__(self, folder: Path | None = None, top_k: int = TOP_K) -> None:
+        self._tmp = None if folder is not None else tempfile.mkdtemp(prefix="ebft-guard-")
+        self.folder = Path(folder) if folder is not None else Path(self._tmp)  # type: ignore[arg-type]
+        self.top_k = top_k
+        self.reference: Reference | None = None
+        self.walk: BlockWalk | None = None
+        self.stage_state: dict[str, torch.Tensor] | None = None
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def _state_file(self, index: int) -> Path:
+        return self.folder / f"untuned-{index:05d}.safetensors"
+
+    def on_walk_start(self, walk: BlockWalk) -> None:
+        self.walk = walk
+        if not walk.is_main or walk.n_train >= walk.calib_ids.shape[0]:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / "reference.safetensors"
+        ids = walk.calib_ids[walk.n_train:]
+        if path.is_file():
+            self.reference = Reference(**load_file(str(path)))
+            return
+        start = time.perf_counter()
+        runner = _BlockRunner(walk.model, walk, ids)
+        hidden = runner.run(runner.embed(), 0, len(walk.blocks))
+        logits = torch.cat([head_logits(walk.model, walk.blocks, ids[i:i + walk.batch_size],
+                                        hidden[i:i + walk.batch_size].to(walk.device)).cpu()
+                            for i in range(0, ids.shape[0], walk.batch_size)])
+        self.reference = reference_from_logits(logits, ids, self.top_k)
+        atomic_write(path, lambda tmp: save_file(self.reference.to_tensors(), str(tmp)))  # type: ignore[union-attr]
+        logger.info("model guard: the dense model's top-%d next tokens on %d held-out windows recorded in %.1f s",
+                    self.top_k, ids.shape[0], time.perf_counter() - start)
+
+    def on_compressed(self, walk: BlockWalk, index: int) -> None:
+        if self.reference is None:
+            return
+        state = {k: v.detach().to("cpu").contiguous() for k, v in walk.block.state_dict().items()}  # type: ignore[union-attr]
+        atomic_write(self._state_file(index), lambda tmp: save_file(state, str(tmp)))
+
+    def before_model_stage(self, model: nn.Module) -> None:
+        """Keep the parts outside the blocks, which a whole-model stage may change, to fall back to."""
+        if self.reference is None or self.walk is None:
+            return
+        block_params = {id(p) for p in self.walk.blocks.blocks.parameters()}
+        self.stage_state = {name: p.detach().to("cpu").clone() for name, p in model.named_parameters()
+                            if id(p) not in block_params}
+
+    def check(self, model: nn.Module, whole_model: bool = False) -> GuardReport | None:
+        """Compare the model as the run left it with its pruned-only weights; keep the better (see above).
+
+        Returns what was measured and decided, or None when there were no held-out windows.
+        """
+        if self.reference is None or self.walk is None:
+            return None
+        start = time.perf_counter()
+        walk, ref = self.walk, self.reference
+        nblocks = len(walk.blocks)
+        move_non_block_modules(model, walk.blocks, walk.device)
+        try:
+            runner = _BlockRunner(model, walk, ref.ids)
+            untuned = self._untuned
+            with self._stage_weights(model, use_pruned=False):
+                repaired = runner.scores(runner.run(runner.embed(), 0, nblocks), ref)
+            with self._stage_weights(model, use_pruned=True):
+                pruned = runner.scores(runner.run(runner.embed(), 0, nblocks, untuned), ref)
+            result = GuardReport(ref.ids.shape[0], ref.top_ids.shape[0] * ref.top_ids.shape[1], ref.top_ids.shape[-1],
+                                 repaired.to_dict(), pruned.to_dict())
+            if repaired.kl <= pruned.kl:
+                result.decision = "kept the repair: it is closer to the dense model than pruning alone"
+                result.tuned_blocks, kept = list(range(nblocks)), repaired
+            elif whole_model:
+                for index in range(nblocks):
+                    model_block = walk.blocks.blocks[index]
+                    model_block.load_state_dict(untuned(index))
+                if self.stage_state is not None:
+                    model.load_state_dict(self.stage_state, strict=False)
+                result.decision = "fell back to the pruned weights: the whole-model stage made the model worse"
+                result.reverted_blocks, kept = list(range(nblocks)), pruned
+            else:
+                tuned, kept = self._greedy(runner, ref, pruned)
+                for index in range(nblocks):
+                    if index not in tuned:
+                        walk.blocks.blocks[index].load_state_dict(untuned(index))
+                result.tuned_blocks = tuned
+                result.reverted_blocks = [i for i in range(nblocks) if i not in tuned]
+                result.decision = ("kept the tuning of the blocks where it helps the model; the others went back to "
+                                   "their pruned weights")
+            result.kept = kept.to_dict()
+        finally:
+            move_non_block_modules(model, walk.blocks, "cpu")
+        result.seconds = time.perf_counter() - start
+        logger.info("model guard: KL to the dense model %.5g repaired, %.5g pruned only: %s (%.1f s)",
+                    repaired.kl, pruned.kl, result.decision, result.seconds)
+        return result
+
+    def _untuned(self, index: int) -> dict[str, torch.Tensor]:
+        return load_file(str(self._state_file(index)))
+
+    def _greedy(self, runner: _BlockRunner, ref: Reference, pruned: Scores) -> tuple[list[int], Scores]:
+        """From the pruned-only model, give each block in order its tuned weights back where that lowers the KL."""
+        nblocks = len(runner.blocks)
+        tuned: list[int] = []
+        best = pruned
+        hidden = runner.embed()  # entering block i under the choices made so far
+        for index in range(nblocks):
+            def state_for(i: int, _index: int = index) -> dict[str, torch.Tensor] | None:
+                return None if i == _index or i in tuned else self._untuned(i)
+
+            trial = runner.scores(runner.run(hidden.clone(), index, nblocks, state_for), ref)
+            if trial.kl < best.kl:
+                tuned.append(index)
+                best = trial
+            runner.run(hidden, index, index + 1, lambda i: None if i in tuned else self._untuned(i))
+        return tuned, best
+
+    def _stage_weights(self, model: nn.Module, use_pruned: bool) -> Any:
+        """Within the block, the non-block weights are the pruned-only ones (``use_pruned``) or the model's own."""
+        guard = self
+
+        class _Swap:
+            def __enter__(self) -> None:
+                self.saved = None
+                if use_pruned and guard.stage_state is not None:
+                    names = set(guard.stage_state)
+                    self.saved = {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
+                    model.load_state_dict(guard.stage_state, strict=False)
+
+            def __exit__(self, *exc: object) -> None:
+                if self.saved is not None:
+                    model.load_state_dict(self.saved, strict=False)
+
+        return _Swap()
+
+
+def kept_blocks_text(report: dict[str, Any]) -> Iterator[str]:
+    """The console lines for a report's ``model_guard``."""
+    repaired, pruned = report["repaired"], report["pruned"]
+    yield (f"model guard: KL to the dense model {repaired['kl']:.4g} repaired vs {pruned['kl']:.4g} pruned only "
+           f"(cross-entropy {repaired['cross_entropy']:.4f} vs {pruned['cross_entropy']:.4f}); {report['decision']}")
+    if report["reverted_blocks"]:
+        yield f"  blocks given back their pruned weights: {', '.join(map(str, report['reverted_blocks']))}"
+
+
+__all__ = ["GuardReport", "ModelGuard", "Reference", "Scores", "reference_from_logits", "score_sums"]
