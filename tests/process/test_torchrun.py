@@ -72,3 +72,22 @@ def test_a_failing_process_fails_the_job(parallel_setup, two: Path, tmp_path: Pa
     assert state["done"] == 1  # rank 0 committed block 0 before it died; --resume continues from there
     assert _torchrun([*argv, "--resume"], tmp_path).returncode == 0
     assert (out / "model" / "model.safetensors").read_bytes() == (two / "model" / "model.safetensors").read_bytes()
+
+
+def test_structured_runs_under_torchrun_and_with_activations_on_disk(parallel_setup, tmp_path: Path) -> None:
+    """Structured shrinking is a compressor of the one walk: torchrun and --offload disk work for it too."""
+    from ebft.cli import main
+
+    structured = ("--structured", "0.25")
+    plain, disk, two = tmp_path / "plain", tmp_path / "disk", tmp_path / "two"
+    assert main([*parallel_setup.argv(plain), *structured]) == 0
+    assert main([*parallel_setup.argv(disk), *structured, "--offload", "disk"]) == 0
+    assert (plain / "model" / "model.safetensors").read_bytes() == (disk / "model" / "model.safetensors").read_bytes()
+    proc = _torchrun([*parallel_setup.argv(two), *structured], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, both = _tensors(plain), _tensors(two)
+    assert {k: v.shape for k, v in one.items()} == {k: v.shape for k, v in both.items()}
+    assert one["model.layers.0.mlp.down_proj.weight"].shape[1] < 128  # shrunken, in both runs
+    assert max(float((one[k] - both[k]).abs().max()) for k in one) < 1e-4
+    r1, r2 = (json.loads((p / "report.json").read_text()) for p in (plain, two))
+    assert [b["compression"] for b in r1["blocks"]] == [b["compression"] for b in r2["blocks"]]
