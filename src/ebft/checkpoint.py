@@ -248,9 +248,15 @@ class Checkpoint:
         if previous and previous != hidden_name:
             (self.folder / previous).unlink(missing_ok=True)
 
+    def block_state(self, index: int) -> dict[str, torch.Tensor]:
+        """Finished block ``index``'s saved parameters, by name inside the block."""
+        tensors = load_file(str(self._block_file(index)))
+        return {k[len("param."):]: v for k, v in tensors.items() if k.startswith("param.")}
+
     def load_blocks(self, blocks: list[nn.Module], prefixes: list[str],
-                    masks: MutableMapping[str, torch.Tensor] | None = None) -> None:
-        """Put the saved state into the first ``done`` blocks, and their masks into ``masks`` by full module name."""
+                    masks: MutableMapping[str, torch.Tensor] | None = None, weights: bool = True) -> None:
+        """Put the saved state into the first ``done`` blocks (unless not ``weights``: a streamed model's
+        blocks stay on disk), and their masks into ``masks`` by full module name."""
         if self.done > len(blocks):
             raise EbftError(f"the unfinished run in {self.folder} has {self.done} blocks, the model {len(blocks)}; "
                             "pass --overwrite to start over")
@@ -261,7 +267,11 @@ class Checkpoint:
             try:
                 if not all(name.startswith(prefixes[index]) for name in block_masks):
                     raise ValueError("mask names")
-                blocks[index].load_state_dict(state, strict=True)
+                expected = {name: p.shape for name, p in blocks[index].named_parameters()}
+                if {name: v.shape for name, v in state.items()} != expected:
+                    raise ValueError("shapes")
+                if weights:
+                    blocks[index].load_state_dict(state, strict=True)
             except (RuntimeError, ValueError):
                 raise EbftError(f"checkpoint block {index} in {self.folder} does not match the model; "
                                 "pass --overwrite to start over") from None
@@ -276,14 +286,16 @@ class Checkpoint:
                             f"expected {tuple(like.shape)}; pass --overwrite to start over")
         return hidden
 
-    def stage_model(self, model: nn.Module, tokenizer: Any, save_model: Callable[[nn.Module, Any, Path], None]) -> None:
-        """Save the finished model into ``final/model`` (replacing a half-staged one) and fsync it."""
+    def stage_model(self, write: Callable[[Path], Any]) -> Any:
+        """``write(folder)`` the finished model into ``final/model`` (replacing a half-staged one), fsync it;
+        returns what ``write`` returned."""
         final = self.folder / "final"
         if final.exists():
             shutil.rmtree(final)
         final.mkdir()
-        save_model(model, tokenizer, final / "model")
+        written = write(final / "model")
         fsync_tree(final / "model")
+        return written
 
     def publish(self, report: dict[str, Any]) -> None:
         """Write ``final/report.json`` (the staged run is now complete), then rename ``final/`` to ``out``."""
@@ -357,8 +369,9 @@ class CheckpointCallback(Callback):
     Under torchrun every process resumes from the folder, and only rank 0 commits.
     """
 
-    def __init__(self, checkpoint: Checkpoint) -> None:
+    def __init__(self, checkpoint: Checkpoint, load_weights: bool = True) -> None:
         self.checkpoint = checkpoint
+        self.load_weights = load_weights  # False for a streamed model: finished blocks stay on disk
 
     def on_walk_start(self, walk: BlockWalk) -> None:
         done = self.checkpoint.done
@@ -367,7 +380,8 @@ class CheckpointCallback(Callback):
         blocks = walk.blocks
         for index in range(min(done, len(blocks))):  # load_blocks refuses a checkpoint with more blocks
             walk.compressor.reshape(blocks.blocks[index], index)
-        self.checkpoint.load_blocks(list(blocks.blocks), [blocks.block_name(i) + "." for i in range(done)], walk.masks)
+        self.checkpoint.load_blocks(list(blocks.blocks), [blocks.block_name(i) + "." for i in range(done)], walk.masks,
+                                    weights=self.load_weights)
         walk.resume(done, [BlockReport.from_dict(r) for r in self.checkpoint.reports], self.checkpoint.load_hidden())
 
     def on_block_end(self, walk: BlockWalk, index: int, report: BlockReport) -> None:

@@ -24,6 +24,10 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 #: Where the calibration activations live: RAM (none and cpu alike) or memory-mapped files (disk).
 OFFLOADS = ("none", "cpu", "disk")
+#: Whether the model is read block by block from its checkpoint (see ebft.models.streaming).
+STREAMS = ("auto", "on", "off")
+#: The dtype the pruned model is saved in (auto: the input's own).
+SAVE_DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
 def parse_nm(text: str | None) -> tuple[int, int] | None:
@@ -259,12 +263,23 @@ class RunConfig:
     offload: str = setting("none", compared=False, choices=lambda: OFFLOADS,
                            help="calibration activations: none or cpu (in RAM) or disk (memory-mapped files in the "
                                 "run's work folder, removed at the end)")
+    stream: str = setting("auto", compared=False, choices=lambda: STREAMS,
+                          help="read each decoder block from the checkpoint only when the walk reaches it and write it "
+                               "out when it is done (a local safetensors folder; auto: when the model would take more "
+                               "than 40% of the available memory)")
+    save_dtype: str = setting("auto", choices=lambda: SAVE_DTYPES,
+                              help="the dtype the pruned model is saved in (auto: the input model's; a GGUF file, "
+                                   "dequantized, is float32)")
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise UsageError(f"--device {self.device!r} is unknown; choose one of: {', '.join(DEVICES)}")
         if self.offload not in OFFLOADS:
             raise UsageError(f"--offload {self.offload!r} is unknown; choose one of: {', '.join(OFFLOADS)}")
+        if self.stream not in STREAMS:
+            raise UsageError(f"--stream {self.stream!r} is unknown; choose one of: {', '.join(STREAMS)}")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise UsageError(f"--save-dtype {self.save_dtype!r} is unknown; choose one of: {', '.join(SAVE_DTYPES)}")
         if isinstance(self.data_dir, str):
             self.data_dir = Path(self.data_dir)
         if isinstance(self.out, str):

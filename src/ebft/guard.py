@@ -18,12 +18,11 @@ them) and is the only copy of the model the guard makes; evaluation runs block b
 
 from __future__ import annotations
 
-import copy
 import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,9 +31,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ebft.capture import calibration_context, capture_first_block_inputs, head_logits
 from ebft.fsio import atomic_write
-from ebft.models.blocks import block_device, move_non_block_modules, move_to, run_block
+from ebft.models.blocks import move_non_block_modules
+from ebft.models.blockwise import BlockRunner, StateFor
 from ebft.walk import BlockWalk, Callback
 
 logger = logging.getLogger(__name__)
@@ -90,50 +89,14 @@ def score_sums(logits: torch.Tensor, ref: Reference, rows: slice) -> tuple[float
     return float(kl.double().sum()), float(ce.double().sum()), ids.numel()
 
 
-# ----------------------------------------------------------------------------- block-by-block forward
-
-
-class _BlockRunner:
-    """Runs the model block by block on the guard windows, each block on the device only while it runs.
-
-    ``state_for(i)`` may give another state for block ``i``: a copy of the block runs with it, and the
-    model itself is not changed.
-    """
-
-    def __init__(self, model: nn.Module, walk: BlockWalk, ids: torch.Tensor) -> None:
-        self.model, self.blocks, self.ids = model, walk.blocks, ids
-        self.kwargs, self.device, self.batch_size = walk.block_kwargs, walk.device, walk.batch_size
-
-    def embed(self) -> torch.Tensor:
-        return capture_first_block_inputs(self.model, self.blocks, self.ids, batch_size=self.batch_size)
-
-    def run(self, hidden: torch.Tensor, first: int, last: int,
-            state_for: Callable[[int], dict[str, torch.Tensor] | None] = lambda i: None) -> torch.Tensor:
-        """``hidden`` (entering block ``first``, changed in place) after blocks ``first`` .. ``last - 1``."""
-        with calibration_context(self.model):
-            for index in range(first, last):
-                block = self.blocks.blocks[index]
-                state = state_for(index)
-                if state is not None:
-                    block = copy.deepcopy(block)
-                    block.load_state_dict(state)
-                home = block_device(block)
-                block.to(self.device)
-                run_block(block, hidden, move_to(self.kwargs[index], self.device), self.batch_size, out=hidden)
-                block.to(home)
-        return hidden
-
-    def scores(self, hidden: torch.Tensor, ref: Reference) -> Scores:
-        """KL and cross-entropy of the logits the head gives for ``hidden`` (the last block's outputs)."""
-        kl = ce = 0.0
-        count = 0
-        with torch.no_grad():
-            for start in range(0, hidden.shape[0], self.batch_size):
-                rows = slice(start, start + self.batch_size)
-                logits = head_logits(self.model, self.blocks, self.ids[rows], hidden[rows].to(self.device))
-                k, c, n = score_sums(logits, ref, rows)
-                kl, ce, count = kl + k, ce + c, count + n
-        return Scores(kl / count, ce / count)
+def _scores(runner: BlockRunner, hidden: torch.Tensor, ref: Reference) -> Scores:
+    """KL and cross-entropy of the logits the head gives for ``hidden`` (the last block's outputs)."""
+    kl = ce = 0.0
+    count = 0
+    for rows, logits in runner.logits(ref.ids, hidden):
+        k, c, n = score_sums(logits, ref, rows)
+        kl, ce, count = kl + k, ce + c, count + n
+    return Scores(kl / count, ce / count)
 
 
 # ----------------------------------------------------------------------------- the guard
@@ -166,7 +129,12 @@ class ModelGuard(Callback):
     work folder; default: a temporary folder, removed by :meth:`close`).
     """
 
-    def __init__(self, folder: Path | None = None, top_k: int = TOP_K) -> None:
+    def __init__(self, folder: Path | None = None, top_k: int = TOP_K, dense_state: StateFor | None = None,
+                 final_state: StateFor | None = None) -> None:
+        """``dense_state`` / ``final_state``: where a streamed model's blocks are read from, dense (the
+        checkpoint) and as the run left them; None: the blocks hold their weights."""
+        self.dense_state = dense_state or (lambda index: None)
+        self.final_state = final_state or (lambda index: None)
         self._tmp = None if folder is not None else tempfile.mkdtemp(prefix="ebft-guard-")
         self.folder = Path(folder) if folder is not None else Path(self._tmp)  # type: ignore[arg-type]
         self.top_k = top_k
@@ -192,11 +160,9 @@ class ModelGuard(Callback):
             self.reference = Reference(**load_file(str(path)))
             return
         start = time.perf_counter()
-        runner = _BlockRunner(walk.model, walk, ids)
-        hidden = runner.run(runner.embed(), 0, len(walk.blocks))
-        logits = torch.cat([head_logits(walk.model, walk.blocks, ids[i:i + walk.batch_size],
-                                        hidden[i:i + walk.batch_size].to(walk.device)).cpu()
-                            for i in range(0, ids.shape[0], walk.batch_size)])
+        runner = self._runner(walk.model)
+        hidden = runner.run(runner.embed(ids), 0, len(walk.blocks), self.dense_state)
+        logits = torch.cat([logits.cpu() for _, logits in runner.logits(ids, hidden)])
         self.reference = reference_from_logits(logits, ids, self.top_k)
         atomic_write(path, lambda tmp: save_file(self.reference.to_tensors(), str(tmp)))  # type: ignore[union-attr]
         logger.info("model guard: the dense model's top-%d next tokens on %d held-out windows recorded in %.1f s",
@@ -205,7 +171,9 @@ class ModelGuard(Callback):
     def on_compressed(self, walk: BlockWalk, index: int) -> None:
         if self.reference is None:
             return
-        state = {k: v.detach().to("cpu").contiguous() for k, v in walk.block.state_dict().items()}  # type: ignore[union-attr]
+        kept_in = walk.current_store or torch.float32
+        state = {k: v.detach().to("cpu", kept_in if v.is_floating_point() else v.dtype).contiguous()
+                 for k, v in walk.block.state_dict().items()}  # type: ignore[union-attr]
         atomic_write(self._state_file(index), lambda tmp: save_file(state, str(tmp)))
 
     def before_model_stage(self, model: nn.Module) -> None:
@@ -228,12 +196,12 @@ class ModelGuard(Callback):
         nblocks = len(walk.blocks)
         move_non_block_modules(model, walk.blocks, walk.device)
         try:
-            runner = _BlockRunner(model, walk, ref.ids)
+            runner = self._runner(model)
             untuned = self._untuned
             with self._stage_weights(model, use_pruned=False):
-                repaired = runner.scores(runner.run(runner.embed(), 0, nblocks), ref)
+                repaired = _scores(runner, runner.run(runner.embed(ref.ids), 0, nblocks, self.final_state), ref)
             with self._stage_weights(model, use_pruned=True):
-                pruned = runner.scores(runner.run(runner.embed(), 0, nblocks, untuned), ref)
+                pruned = _scores(runner, runner.run(runner.embed(ref.ids), 0, nblocks, untuned), ref)
             result = GuardReport(ref.ids.shape[0], ref.top_ids.shape[0] * ref.top_ids.shape[1], ref.top_ids.shape[-1],
                                  repaired.to_dict(), pruned.to_dict())
             if repaired.kl <= pruned.kl:
@@ -241,8 +209,7 @@ class ModelGuard(Callback):
                 result.tuned_blocks, kept = list(range(nblocks)), repaired
             elif whole_model:
                 for index in range(nblocks):
-                    model_block = walk.blocks.blocks[index]
-                    model_block.load_state_dict(untuned(index))
+                    self._revert(index)
                 if self.stage_state is not None:
                     model.load_state_dict(self.stage_state, strict=False)
                 result.decision = "fell back to the pruned weights: the whole-model stage made the model worse"
@@ -251,7 +218,7 @@ class ModelGuard(Callback):
                 tuned, kept = self._greedy(runner, ref, pruned)
                 for index in range(nblocks):
                     if index not in tuned:
-                        walk.blocks.blocks[index].load_state_dict(untuned(index))
+                        self._revert(index)
                 result.tuned_blocks = tuned
                 result.reverted_blocks = [i for i in range(nblocks) if i not in tuned]
                 result.decision = ("kept the tuning of the blocks where it helps the model; the others went back to "
@@ -264,24 +231,43 @@ class ModelGuard(Callback):
                     repaired.kl, pruned.kl, result.decision, result.seconds)
         return result
 
+    def untuned_file(self, index: int) -> Path:
+        """Block ``index``'s untuned state (what a reverted block's weights become)."""
+        return self._state_file(index)
+
     def _untuned(self, index: int) -> dict[str, torch.Tensor]:
         return load_file(str(self._state_file(index)))
 
-    def _greedy(self, runner: _BlockRunner, ref: Reference, pruned: Scores) -> tuple[list[int], Scores]:
+    def _revert(self, index: int) -> None:
+        """Block ``index`` gets its untuned weights back (a streamed model's block holds none: its saved
+        output comes from :meth:`untuned_file` instead)."""
+        block = self.walk.blocks.blocks[index]  # type: ignore[union-attr]
+        if not any(p.is_meta for p in block.parameters()):
+            block.load_state_dict(self._untuned(index))
+
+    def _runner(self, model: nn.Module) -> BlockRunner:
+        walk = self.walk
+        return BlockRunner(model, walk.blocks, walk.device, walk.batch_size, block_kwargs=walk.block_kwargs)
+
+    def _greedy(self, runner: BlockRunner, ref: Reference, pruned: Scores) -> tuple[list[int], Scores]:
         """From the pruned-only model, give each block in order its tuned weights back where that lowers the KL."""
         nblocks = len(runner.blocks)
         tuned: list[int] = []
         best = pruned
-        hidden = runner.embed()  # entering block i under the choices made so far
+        hidden = runner.embed(ref.ids)  # entering block i under the choices made so far
+
+        def decided(i: int) -> dict[str, torch.Tensor] | None:
+            return self.final_state(i) if i in tuned else self._untuned(i)
+
         for index in range(nblocks):
             def state_for(i: int, _index: int = index) -> dict[str, torch.Tensor] | None:
-                return None if i == _index or i in tuned else self._untuned(i)
+                return self.final_state(i) if i == _index else decided(i)
 
-            trial = runner.scores(runner.run(hidden.clone(), index, nblocks, state_for), ref)
+            trial = _scores(runner, runner.run(hidden.clone(), index, nblocks, state_for), ref)
             if trial.kl < best.kl:
                 tuned.append(index)
                 best = trial
-            runner.run(hidden, index, index + 1, lambda i: None if i in tuned else self._untuned(i))
+            runner.run(hidden, index, index + 1, decided)
         return tuned, best
 
     def _stage_weights(self, model: nn.Module, use_pruned: bool) -> Any:

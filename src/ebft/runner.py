@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import platform
 import shutil
 import time
@@ -30,12 +31,13 @@ from ebft.config import PRECISIONS, FinetuneConfig, RunConfig
 from ebft.data import calibration_windows, evaluation_tokens, load_documents, parse_source
 from ebft.errors import EbftError, UsageError
 from ebft.eval import perplexity
-from ebft.export import save_model
+from ebft.export import DTYPES, write_model
 from ebft.finetune import FINETUNERS, BlockFinetuner, ModelFinetuner, make_finetuner
 from ebft.fsio import existing_ancestor
 from ebft.guard import ModelGuard
 from ebft.models import SUPPORTED_MODEL_TYPES, find_blocks, load_model, load_tokenizer
-from ebft.models.loading import load_config
+from ebft.models.blocks import move_non_block_modules
+from ebft.models.loading import load_config, resolve_model
 from ebft.precision import PrecisionChoice, resolve_for_block
 from ebft.results import RunReport
 from ebft.sparsity import mask_stats, weight_sparsity
@@ -63,6 +65,7 @@ class Checked:
     """What the checks before the weights load found: what ``--out`` allows, and the data, tokenized."""
 
     plan: str | None  # see ebft.checkpoint.plan_run; None without --out
+    streamed: bool = False  # the blocks are read from the checkpoint as the walk reaches them
     calib: torch.Tensor | None = None  # [nsamples, seqlen] calibration windows
     eval_windows: dict[str, torch.Tensor] = field(default_factory=dict)  # source -> [windows, seqlen]
     tokenizer: Any = None
@@ -79,9 +82,10 @@ def preflight(cfg: RunConfig, overwrite: bool = False, resume: bool = False, pro
     windows must be those it started with.
     """
     start = time.perf_counter()
-    plan = validate_inputs(cfg, overwrite, resume, processes, read_data=not windows)
+    validated = validate_inputs(cfg, overwrite, resume, processes, read_data=not windows)
+    plan, streamed = validated.plan, validated.streamed
     if plan in ("finished", "publish") or not windows:
-        return Checked(plan, seconds=time.perf_counter() - start)
+        return Checked(plan, streamed, seconds=time.perf_counter() - start)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
     calib = calibration_windows(tokenizer, cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen, cfg.calib.seed,
                                 data_dir=cfg.data_dir)
@@ -89,15 +93,23 @@ def preflight(cfg: RunConfig, overwrite: bool = False, resume: bool = False, pro
                                               data_dir=cfg.data_dir) for source in cfg.eval.sources}
     if plan == "resume":
         check_resumable(Path(cfg.out), fingerprint(calib))  # type: ignore[arg-type]
-    return Checked(plan, calib, eval_windows, tokenizer, time.perf_counter() - start)
+    return Checked(plan, streamed, calib, eval_windows, tokenizer, time.perf_counter() - start)
+
+
+@dataclass
+class Validated:
+    """What :func:`validate_inputs` found: what ``--out`` allows, and whether the model streams."""
+
+    plan: str | None
+    streamed: bool = False
 
 
 def validate_inputs(cfg: RunConfig, overwrite: bool = False, resume: bool = False, processes: int = 1,
-                    read_data: bool = True) -> str | None:
+                    read_data: bool = True) -> Validated:
     """Every check that needs no model weights and no tokenizer: output folder, flags, data sources
-    (read, with ``read_data``), model config, disk space.
+    (read, with ``read_data``), model config, streaming, disk space.
 
-    Returns what ``--out`` allows (see :func:`ebft.checkpoint.plan_run`), or ``None`` without ``--out``.
+    ``plan`` is what ``--out`` allows (see :func:`ebft.checkpoint.plan_run`), or ``None`` without ``--out``.
     """
     plan = None
     if cfg.out is not None:
@@ -110,7 +122,7 @@ def validate_inputs(cfg: RunConfig, overwrite: bool = False, resume: bool = Fals
         parse_source(source)
     resolve_device(cfg.device)
     if plan in ("finished", "publish"):
-        return plan
+        return Validated(plan)
     tuner = FINETUNERS[cfg.finetune.method]
     if tuner is not None:
         tuner.check_available()
@@ -134,12 +146,78 @@ def validate_inputs(cfg: RunConfig, overwrite: bool = False, resume: bool = Fals
         from ebft.structured import check_structured_run
 
         check_structured_run(cfg.prune.structured, cfg.finetune.method, skeleton, config)
+    streamed = decide_streaming(cfg, config, skeleton)
     if cfg.out is not None:
-        needed = estimate_out_bytes(config, cfg.calib.nsamples, cfg.calib.seqlen, skeleton)
+        needed = estimate_out_bytes(config, cfg.calib.nsamples, cfg.calib.seqlen, skeleton,
+                                    _dtype_bytes(save_dtype(cfg, config)))
         if cfg.offload == "disk":  # both activation buffers, for every process of a torchrun job
             needed["offloaded activations"] = needed["activations"] * processes
         check_disk_space(Path(cfg.out), needed)
-    return plan
+    return Validated(plan, streamed)
+
+
+def _dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+def source_dtype(config: Any) -> torch.dtype:
+    """The dtype a checkpoint's config says its weights have (float32 if it says none)."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def save_dtype(cfg: RunConfig, config: Any) -> torch.dtype:
+    """The dtype the run keeps and saves the model in: ``--save-dtype``, else the checkpoint's own (a GGUF
+    file, dequantized, in float32)."""
+    if cfg.save_dtype != "auto":
+        return DTYPES[cfg.save_dtype]
+    if resolve_model(cfg.model).gguf_file:
+        return torch.float32
+    return source_dtype(config)
+
+
+def available_memory() -> int:
+    """Bytes of memory the system can give now (MemAvailable), or 0 if unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def decide_streaming(cfg: RunConfig, config: Any, skeleton: nn.Module | None) -> bool:
+    """Whether the blocks are read from the checkpoint as the walk reaches them (``--stream``)."""
+    if cfg.stream == "off":
+        return False
+    where = resolve_model(cfg.model)
+    folder = Path(where.path_or_id)
+    readable = where.gguf_file is None and folder.is_dir() and (
+        (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file())
+    whole_model = getattr(FINETUNERS[cfg.finetune.method], "kind", "") == "model"
+    if cfg.stream == "on":
+        if not readable:
+            raise UsageError(f"--stream on reads a local folder of safetensors weights; {cfg.model} is not one "
+                             "(a GGUF file is dequantized in memory); drop --stream")
+        if whole_model:
+            raise UsageError(f"--finetune {cfg.finetune.method} trains the whole model at once, which needs it in "
+                             "memory; drop --stream or use a block-wise --finetune")
+        if cfg.out is None:
+            raise UsageError("--stream writes each finished block into the run folder; give --out")
+        return True
+    if not readable or whole_model or cfg.out is None:
+        return False
+    size = count_parameters(config, skeleton) * _dtype_bytes(save_dtype(cfg, config))
+    available = available_memory()
+    if available and size > 0.4 * available:
+        logger.info("streaming the model: its %.1f GiB are more than 40%% of the %.1f GiB of memory available",
+                    size / 2**30, available / 2**30)
+        return True
+    return False
 
 
 def check_patience(cfg: RunConfig) -> None:
@@ -180,14 +258,16 @@ def count_parameters(config: Any, skeleton: nn.Module | None = None) -> int:
     return 2 * vocab * hidden + layers * (4 * hidden * hidden + 3 * hidden * inter)
 
 
-def estimate_out_bytes(config: Any, nsamples: int, seqlen: int, skeleton: nn.Module | None = None) -> dict[str, int]:
-    """Disk a run with ``--out`` needs at its peak: the fp32 model (+10%), every block's checkpoint
-    (fp32 weights + bool masks), and two copies of the activations (the old one goes once the new is in)."""
+def estimate_out_bytes(config: Any, nsamples: int, seqlen: int, skeleton: nn.Module | None = None,
+                       dtype_bytes: int = 4) -> dict[str, int]:
+    """Disk a run with ``--out`` needs at its peak: the saved model (+10%), every block's checkpoint (its
+    weights and bool masks) and its untuned state for the model guard, and two copies of the activations
+    (the old one goes once the new is in); weights take ``dtype_bytes`` each."""
     params = count_parameters(config, skeleton)
     hidden = int(getattr(config, "hidden_size", 0) or 0)
     return {
-        "model": int(params * 4 * 1.1),
-        "block checkpoints": params * 5,
+        "model": int(params * dtype_bytes * 1.1),
+        "block checkpoints": params * (2 * dtype_bytes + 1),
         "activations": 2 * nsamples * seqlen * hidden * 4,
     }
 
@@ -259,11 +339,20 @@ def run_prune(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer: tupl
         return RunReport.from_dict(publish_staged(out))  # type: ignore[arg-type]
     device = resolve_device(cfg.device) if dist is None else dist.device
 
-    if model_and_tokenizer is None:
+    store = None
+    if model_and_tokenizer is not None:
+        (model, tokenizer), resolved = model_and_tokenizer, cfg.model
+    elif checked.streamed:
+        from ebft.models.streaming import open_streamed
+
+        resolved = resolve_model(cfg.model).path_or_id
+        config = load_config(cfg.model)
+        model, store = open_streamed(Path(resolved), config, source_dtype(config))
+        tokenizer = checked.tokenizer if checked.tokenizer is not None else load_tokenizer(cfg.model)
+    else:
         loaded = load_model(cfg.model, tokenizer=checked.tokenizer)
         model, tokenizer, resolved = loaded.model, loaded.tokenizer, loaded.resolved
-    else:
-        (model, tokenizer), resolved = model_and_tokenizer, cfg.model
+    keep_dtype = DTYPES[cfg.save_dtype] if cfg.save_dtype != "auto" else _model_dtype(model)
     check_nm_divisible(find_blocks(model), cfg.prune.nm)
     tuner = make_finetuner(cfg.finetune, seed=cfg.calib.seed)
     if isinstance(tuner, ModelFinetuner):
@@ -280,6 +369,9 @@ def run_prune(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer: tupl
             "class": type(model).__name__,
             "parameters": sum(p.numel() for p in model.parameters()),
             "blocks": len(find_blocks(model)),
+            "dtype": str(_model_dtype(model)).removeprefix("torch."),
+            "saved_dtype": str(keep_dtype).removeprefix("torch."),
+            "streamed": store is not None,
         },
         device=str(device),
         precision=None,
@@ -288,7 +380,10 @@ def run_prune(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer: tupl
     )
     if cfg.eval_dense and eval_windows and (dist is None or dist.is_main):
         t = time.perf_counter()
-        dense = evaluate_all(model, eval_windows, device, "dense")
+        if store is None:
+            dense = evaluate_all(model, eval_windows, device, "dense")
+        else:
+            dense = _evaluate_blockwise(model, eval_windows, device, store.checkpoint_state)
         report.eval_dense = {s: r["perplexity"] for s, r in dense.items()}
         timings["eval_dense"] = time.perf_counter() - t
 
@@ -301,24 +396,27 @@ def run_prune(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer: tupl
             checkpoint = Checkpoint.follow(out)
     guard = None
     if tuner is not None and cfg.finetune.model_guard:
-        guard = ModelGuard(checkpoint.folder / "guard" if checkpoint is not None else None)
+        guard = ModelGuard(checkpoint.folder / "guard" if checkpoint is not None else None,
+                           dense_state=store.checkpoint_state if store is not None else None,
+                           final_state=checkpoint.block_state if store is not None else None)
     walk_callbacks = [*([guard] if guard is not None else []),  # before the checkpoint's: it sees the dense model
-                      *([CheckpointCallback(checkpoint)] if checkpoint is not None else []), *callbacks]
+                      *([CheckpointCallback(checkpoint, load_weights=store is None)] if checkpoint is not None
+                        else []),
+                      *([StreamBlocks(store)] if store is not None else []),  # after the checkpoint has saved a block
+                      *callbacks]
     try:
         finetune = cfg.finetune
         if tuner is not None:
-            finetune = _resolve_precision(cfg, model, device, report, checkpoint, dist)
+            finetune = _resolve_precision(cfg, model, device, report, checkpoint, dist, store)
             tuner.config = finetune
-        model = _prune_and_evaluate(cfg, finetune, model, tuner, calib, eval_windows, device, report,
-                                    walk_callbacks, checkpoint, dist, guard)
+        run = _Run(cfg, finetune, model, tokenizer, tuner, calib, eval_windows, device, report, walk_callbacks,
+                   checkpoint, dist, guard, store, keep_dtype)
+        model = run.prune_and_evaluate()
         if dist is not None and not dist.is_main:
             return report  # rank 0 evaluates, saves and reports
         if checkpoint is not None:
-            t = time.perf_counter()
-            checkpoint.stage_model(model, tokenizer, save_model)
-            staged = checkpoint.folder / "final" / "model"
-            report.saved_bytes = sum(f.stat().st_size for f in staged.glob("*.safetensors"))
-            timings["save"] = time.perf_counter() - t
+            if store is None:  # a streamed model was saved before it was evaluated
+                run.save()
             timings["total"] = time.perf_counter() - t0
             checkpoint.publish(report.to_dict())
             logger.info("wrote %s", out)
@@ -331,11 +429,30 @@ def run_prune(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer: tupl
     finally:
         if guard is not None:
             guard.close()
+        if store is not None:
+            store.close()
     return report
 
 
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
+
+
+class StreamBlocks(Callback):
+    """Fills each block from the checkpoint as the walk reaches it, and empties it once it is saved."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def on_block_start(self, walk: BlockWalk, index: int) -> None:
+        self.store.load(index)
+
+    def on_block_end(self, walk: BlockWalk, index: int, report: Any) -> None:
+        self.store.release(index)
+
+
 def _resolve_precision(cfg: RunConfig, model: nn.Module, device: torch.device, report: RunReport,
-                       checkpoint: Checkpoint | None, dist: DistContext | None) -> FinetuneConfig:
+                       checkpoint: Checkpoint | None, dist: DistContext | None, store: Any = None) -> FinetuneConfig:
     """``cfg.finetune`` with ``--precision auto`` decided (by timing the blocks' GEMMs on the CPU), into
     the report; a resumed run keeps the choice it started with, and under torchrun every process takes
     rank 0's."""
@@ -344,7 +461,7 @@ def _resolve_precision(cfg: RunConfig, model: nn.Module, device: torch.device, r
         choice = PrecisionChoice(previous["precision"], f"{previous['reason']} (when the run started)",
                                  previous.get("gflops", {}))
         finetune = dataclasses.replace(cfg.finetune, precision=choice.precision)
-    else:
+    else:  # the GEMM shapes of the first block (a streamed block's shapes are there without its weights)
         finetune, choice = resolve_for_block(cfg.finetune, find_blocks(model).blocks[0], device, cfg.calib.seqlen)
     if dist is not None:
         picked = torch.tensor([PRECISIONS.index(finetune.precision)], device=dist.device)
@@ -358,49 +475,144 @@ def _resolve_precision(cfg: RunConfig, model: nn.Module, device: torch.device, r
     return finetune
 
 
-def _prune_and_evaluate(cfg: RunConfig, finetune: FinetuneConfig, model: nn.Module, tuner: Any, calib: torch.Tensor,
-                        eval_windows: dict[str, torch.Tensor], device: torch.device, report: RunReport,
-                        callbacks: list[Callback], checkpoint: Checkpoint | None,
-                        dist: DistContext | None = None, guard: ModelGuard | None = None) -> nn.Module:
-    """The block walk (+ a whole-model stage), sparsity statistics and evaluation, into ``report``."""
-    timings = report.timings
-    t = time.perf_counter()
-    torch.manual_seed(cfg.calib.seed)
-    block_tuner = tuner if isinstance(tuner, BlockFinetuner) else None
-    walk = BlockWalk(model, calib, make_compressor(model, cfg.prune), block_tuner, finetune, device,
-                     seed=cfg.calib.seed, callbacks=callbacks, dist=dist, offload_dir=_offload_dir(cfg))
-    result = walk.run()
-    report.structured = result.summary if cfg.prune.structured is not None else None
-    if dist is not None and not dist.is_main:
-        return model
-    timings["prune_finetune"] = time.perf_counter() - t
-    report.blocks = result.blocks
-    if checkpoint is not None and checkpoint.resumes:
-        report.resumed = checkpoint.resumes  # finished blocks at each resume
-    if isinstance(tuner, ModelFinetuner):
-        t = time.perf_counter()
-        if guard is not None:
-            guard.before_model_stage(model)
-        model, stage = tuner.tune_model(model, calib, result.masks, device)
-        timings[tuner.name] = time.perf_counter() - t
-        report.model_stage = stage.to_dict()
-    if guard is not None:
-        t = time.perf_counter()
-        decided = guard.check(model, whole_model=isinstance(tuner, ModelFinetuner))
-        report.model_guard = decided.to_dict() if decided is not None else None
-        timings["model_guard"] = time.perf_counter() - t
-    stats = mask_stats(result.masks)
-    linears = find_blocks(model).all_linears()
-    zeros = sum(weight_sparsity(linears[n].weight.data) * linears[n].weight.numel() for n in linears)
-    stats["weights_zero"] = zeros / sum(l.weight.numel() for l in linears.values())
-    report.sparsity = stats
+@dataclass
+class _Run:
+    """The part of ``run_prune`` after the checks and the loading: walk, whole-model stage, guard, save, evaluate."""
 
-    t = time.perf_counter()
-    details = evaluate_all(model, eval_windows, device, "pruned") if eval_windows else {}
-    report.eval = {s: r["perplexity"] for s, r in details.items()}
-    report.eval_details = details
-    timings["eval"] = time.perf_counter() - t
-    return model
+    cfg: RunConfig
+    finetune: FinetuneConfig
+    model: nn.Module
+    tokenizer: Any
+    tuner: Any
+    calib: torch.Tensor
+    eval_windows: dict[str, torch.Tensor]
+    device: torch.device
+    report: RunReport
+    callbacks: list[Callback]
+    checkpoint: Checkpoint | None
+    dist: DistContext | None
+    guard: ModelGuard | None
+    store: Any
+    keep_dtype: torch.dtype
+
+    def prune_and_evaluate(self) -> nn.Module:
+        """The block walk (+ a whole-model stage), the guard, sparsity statistics and evaluation, into the report
+        (a streamed model is saved first: it is evaluated from what was saved)."""
+        cfg, report, timings, model = self.cfg, self.report, self.report.timings, self.model
+        t = time.perf_counter()
+        torch.manual_seed(cfg.calib.seed)
+        block_tuner = self.tuner if isinstance(self.tuner, BlockFinetuner) else None
+        walk = BlockWalk(model, self.calib, make_compressor(model, cfg.prune), block_tuner, self.finetune, self.device,
+                         seed=cfg.calib.seed, callbacks=self.callbacks, dist=self.dist, offload_dir=_offload_dir(cfg),
+                         store_dtype=self.keep_dtype)
+        result = walk.run()
+        report.structured = result.summary if cfg.prune.structured is not None else None
+        if self.dist is not None and not self.dist.is_main:
+            return model
+        timings["prune_finetune"] = time.perf_counter() - t
+        report.blocks = result.blocks
+        if self.checkpoint is not None and self.checkpoint.resumes:
+            report.resumed = self.checkpoint.resumes  # finished blocks at each resume
+        if self.store is None and _model_dtype(model) != self.keep_dtype:
+            model.to(self.keep_dtype)  # the blocks were kept in it already
+        if isinstance(self.tuner, ModelFinetuner):
+            t = time.perf_counter()
+            if self.guard is not None:
+                self.guard.before_model_stage(model)
+            model, stage = self.tuner.tune_model(model, self.calib, result.masks, self.device)
+            self.model = model
+            timings[self.tuner.name] = time.perf_counter() - t
+            report.model_stage = stage.to_dict()
+        if self.guard is not None:
+            t = time.perf_counter()
+            decided = self.guard.check(model, whole_model=isinstance(self.tuner, ModelFinetuner))
+            report.model_guard = decided.to_dict() if decided is not None else None
+            timings["model_guard"] = time.perf_counter() - t
+        stats = mask_stats(result.masks)
+        if self.store is None:
+            linears = find_blocks(model).all_linears()
+            zeros = sum(weight_sparsity(linears[n].weight.data) * linears[n].weight.numel() for n in linears)
+            stats["weights_zero"] = zeros / sum(l.weight.numel() for l in linears.values())
+        else:
+            written = self.save()
+            blocks = find_blocks(model)
+            counted = {n: c for n, c in written["zeros"].items() if n.startswith(blocks.prefix + ".")}
+            stats["weights_zero"] = sum(counted.values()) / sum(
+                find_blocks(model).all_linears()[n.removesuffix(".weight")].weight.numel() for n in counted)
+        report.sparsity = stats
+
+        t = time.perf_counter()
+        if not self.eval_windows:
+            details = {}
+        elif self.store is None:
+            details = evaluate_all(model, self.eval_windows, self.device, "pruned")
+        else:
+            details = _evaluate_blockwise(model, self.eval_windows, self.device, self._final_state)
+        report.eval = {s: r["perplexity"] for s, r in details.items()}
+        report.eval_details = details
+        timings["eval"] = time.perf_counter() - t
+        return model
+
+    def _final_state(self, index: int) -> dict[str, torch.Tensor]:
+        """A streamed block as the run leaves it: its checkpoint, or its untuned state if the guard reverted it."""
+        reverted = (self.report.model_guard or {}).get("reverted_blocks", [])
+        if self.guard is not None and index in reverted:
+            from safetensors.torch import load_file
+
+            return load_file(str(self.guard.untuned_file(index)))
+        return self.checkpoint.block_state(index)  # type: ignore[union-attr]
+
+    def save(self) -> dict[str, Any]:
+        """Write the model into the run's staging folder (in memory, or a streamed one block file at a time)."""
+        t = time.perf_counter()
+        tensor_for = None
+        if self.store is not None:
+            tensor_for = _BlockTensors(find_blocks(self.model), self._final_state)
+        written = self.checkpoint.stage_model(  # type: ignore[union-attr]
+            lambda folder: write_model(folder, self.model, self.tokenizer, self.keep_dtype, tensor_for))
+        self.report.saved_bytes = written["bytes"]
+        self.report.timings["save"] = time.perf_counter() - t
+        return written
+
+
+class _BlockTensors:
+    """``tensor_for`` of :func:`ebft.export.write_model` for a streamed model: a block's tensors from its
+    state (read one block at a time), everything else from the model."""
+
+    def __init__(self, blocks: Any, state: Any) -> None:
+        self.prefix, self.state = blocks.prefix + ".", state
+        self.index: int | None = None
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str) -> torch.Tensor | None:
+        if not name.startswith(self.prefix):
+            return None
+        index_text, _, local = name[len(self.prefix):].partition(".")
+        index = int(index_text)
+        if index != self.index:
+            self.index, self.tensors = index, self.state(index)
+        return self.tensors[local]
+
+
+def _evaluate_blockwise(model: nn.Module, windows: dict[str, torch.Tensor], device: torch.device,
+                        state_for: Any) -> dict[str, dict]:
+    """Perplexity on every source, the model run block by block with each block's state from ``state_for``."""
+    from ebft.models.blockwise import BlockRunner
+
+    blocks = find_blocks(model)
+    move_non_block_modules(model, blocks, device)
+    results = {}
+    try:
+        for source, ids in windows.items():
+            start = time.perf_counter()
+            runner = BlockRunner(model, blocks, device, batch_size=1, example_ids=ids[:1])
+            nll, count = runner.nll(ids, state_for)
+            results[source] = {"perplexity": math.exp(nll / count), "tokens": count, "windows": ids.shape[0]}
+            logger.info("pruned %s: %.3f over %d tokens (%d windows, block by block) in %.1f s", source,
+                        results[source]["perplexity"], count, ids.shape[0], time.perf_counter() - start)
+    finally:
+        move_non_block_modules(model, blocks, "cpu")
+    return results
 
 
 def _offload_dir(cfg: RunConfig) -> Path | None:

@@ -266,7 +266,8 @@ class BlockWalk:
     def __init__(self, model: nn.Module, calib_ids: torch.Tensor, compressor: Compressor,
                  tuner: BlockFinetuner | None, finetune: FinetuneConfig, device: torch.device, seed: int = 0,
                  forward_batch_size: int = 8, callbacks: Sequence[Callback] = (), dist: DistContext | None = None,
-                 offload_dir: Path | None = None, progress: bool = True) -> None:
+                 offload_dir: Path | None = None, progress: bool = True,
+                 store_dtype: torch.dtype | None = None) -> None:
         self.model = model
         self.calib_ids = calib_ids  # [nsamples, seqlen]
         self.compressor = compressor
@@ -278,6 +279,8 @@ class BlockWalk:
         self.callbacks = [*callbacks, *([Progress()] if progress else [])]
         self.dist = dist
         self.offload_dir = offload_dir
+        #: the dtype every finished block is kept (and saved) in; None: each block's own
+        self.store_dtype = store_dtype
         self.blocks = find_blocks(model)
         nsamples = calib_ids.shape[0]
         self.n_train = nsamples - holdout_count(nsamples, finetune.holdout_fraction)
@@ -288,6 +291,7 @@ class BlockWalk:
         self.targets: torch.Tensor | None = None
         self.block: nn.Module | None = None
         self.kwargs: dict[str, Any] = {}
+        self.current_store: torch.dtype | None = None  # the dtype the block in hand is kept in
         self._buffers: ActivationBuffers | None = None
 
     @property
@@ -363,6 +367,8 @@ class BlockWalk:
         """Targets, compress, tune, propagate for block ``index``; ``self.hidden`` then holds block index+1's inputs."""
         blocks = self.blocks
         block = blocks.blocks[index].to(self.device)
+        store = self.current_store = self.store_dtype or next(block.parameters()).dtype
+        block.float()  # fp32 master weights while the block is worked on, whatever it is kept in
         kwargs = move_to(self.block_kwargs[index], self.device)
         self.block, self.kwargs = block, kwargs
         with calibration_context(self.model):
@@ -377,6 +383,7 @@ class BlockWalk:
                 dense_weights = {name + ".weight": m.weight.detach().clone() for name, m in block.named_modules()
                                  if isinstance(m, nn.Linear)}
             compression = self.compressor.compress(block, index, blocks)
+            round_to(block, store)
         self._notify("on_compressed", index)
         if self.tuner is None:
             with calibration_context(self.model):
@@ -386,17 +393,17 @@ class BlockWalk:
             self._notify("on_tuned", index, report)
             self.hidden, self.targets = self.targets, self.hidden
         else:
-            report = self._tune(index, block, kwargs, compression.masks, dense_weights)
+            report = self._tune(index, block, kwargs, compression.masks, dense_weights, store)
         report.compression = compression.info
         prefix = blocks.block_name(index) + "."
         for name, mask in compression.masks.items():  # mask-refining tuners changed them in place
             self.masks[prefix + name.removesuffix(".weight")] = mask
-        blocks.blocks[index].to("cpu")
+        blocks.blocks[index].to("cpu", store)
         self.block = None
         return report
 
     def _tune(self, index: int, block: nn.Module, kwargs: dict[str, Any], masks: dict[str, torch.Tensor],
-              dense_weights: dict[str, torch.Tensor] | None) -> BlockReport:
+              dense_weights: dict[str, torch.Tensor] | None, store: torch.dtype = torch.float32) -> BlockReport:
         """Tune a compressed block towards its targets, keep or restore it, and propagate.
 
         The first ``n_train`` windows train it, the rest only judge it (:func:`restore_reason`). A block
@@ -421,6 +428,7 @@ class BlockWalk:
                             dense_weights=dense_weights, **extra)
         if stopper is not None and result.restored is None:
             stopper.keep_best(untuned)
+        round_to(block, store)  # judged as it will be kept
         if dist is not None:  # the processes took the same steps; make them bitwise equal all the same
             dist.broadcast_([*block.state_dict().values(), *masks.values()])
         with calibration_context(self.model):
@@ -468,6 +476,17 @@ class BlockWalk:
         hidden = self.hidden
         for a, b in _parts(hidden.shape[0], self.n_train):
             _run_shared(block, hidden[a:b], kwargs, self.batch_size, hidden[a:b], None, self.dist)
+
+
+@torch.no_grad()
+def round_to(block: nn.Module, dtype: torch.dtype) -> None:
+    """Round ``block``'s floating weights to what ``dtype`` can hold, keeping their own dtype (a no-op for
+    float32): the block is judged and propagated with the values it is saved with. Zeros stay exactly 0.0."""
+    if dtype == torch.float32:
+        return
+    for param in block.parameters():
+        if param.dtype.is_floating_point and param.dtype != dtype:
+            param.copy_(param.to(dtype))
 
 
 def _parts(n: int, n_train: int) -> list[tuple[int, int]]:

@@ -6,6 +6,7 @@ import hashlib
 import importlib.metadata
 import logging
 import os
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,7 +135,7 @@ def load_config(spec: str):
     try:
         where = _metadata_location(where)
         return AutoConfig.from_pretrained(where.path_or_id, gguf_file=where.gguf_file)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, struct.error, EOFError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EbftError(f"could not load model {spec!r}: {first}") from None
 
@@ -147,25 +148,29 @@ def load_tokenizer(spec: str) -> Any:
     try:
         where = _metadata_location(where)
         return AutoTokenizer.from_pretrained(where.path_or_id, gguf_file=where.gguf_file)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, struct.error, EOFError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EbftError(f"could not load the tokenizer of model {spec!r}: {first}") from None
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32, tokenizer: Any = None) -> LoadedModel:
+def load_model(spec: str, dtype: torch.dtype | None = None, tokenizer: Any = None) -> LoadedModel:
     """Load a causal LM and its tokenizer (unless ``tokenizer`` is given) onto the CPU.
 
     ``spec`` is an alias (``smollm2-135m``), a ``.gguf`` file (dequantized by transformers), a
-    local Hugging Face folder or a hub id.
+    local Hugging Face folder or a hub id. ``dtype`` None keeps the checkpoint's own (a bf16
+    checkpoint stays bf16); a GGUF file, quantized, comes back in float32.
     """
     from transformers import AutoModelForCausalLM
 
     where = resolve_model(spec)
+    if dtype is None and where.gguf_file:
+        dtype = torch.float32
     start = time.perf_counter()
     logger.info("loading model %s", spec)
     try:
-        model = AutoModelForCausalLM.from_pretrained(where.path_or_id, gguf_file=where.gguf_file, dtype=dtype)
-    except (OSError, ValueError, KeyError) as exc:
+        model = AutoModelForCausalLM.from_pretrained(where.path_or_id, gguf_file=where.gguf_file,
+                                                     dtype=dtype if dtype is not None else "auto")
+    except (OSError, ValueError, KeyError, struct.error, EOFError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EbftError(f"could not load model {spec!r}: {first}") from None
     if tokenizer is None:
@@ -174,8 +179,8 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, tokenizer: Any = N
     if where.gguf_file:
         prepare_for_saving(model)
     seconds = time.perf_counter() - start
-    logger.info("loaded %s (%s, %.1fM parameters) in %.1f s", spec, type(model).__name__,
-                sum(p.numel() for p in model.parameters()) / 1e6, seconds)
+    logger.info("loaded %s (%s, %.1fM parameters, %s) in %.1f s", spec, type(model).__name__,
+                sum(p.numel() for p in model.parameters()) / 1e6, str(model.dtype).removeprefix("torch."), seconds)
     resolved = str(Path(where.path_or_id) / where.gguf_file) if where.gguf_file else where.path_or_id
     return LoadedModel(model=model, tokenizer=tokenizer, source=spec, resolved=resolved, seconds=seconds)
 

@@ -87,6 +87,15 @@ class BlockStore:
         prefix = self.blocks.block_name(index) + "."
         return [prefix + name for name, _ in self.blocks.blocks[index].named_parameters()]
 
+    def checkpoint_state(self, index: int) -> dict[str, torch.Tensor]:
+        """Block ``index``'s weights as the checkpoint holds them (the dense ones), by name inside the block."""
+        prefix = self.blocks.block_name(index) + "."
+        out = {}
+        for name in self.names(index):
+            value = self.files.get(name)
+            out[name[len(prefix):]] = value.to(self.dtype) if self.dtype is not None else value
+        return out
+
     def is_loaded(self, index: int) -> bool:
         return all(not p.is_meta for p in self.blocks.blocks[index].parameters())
 

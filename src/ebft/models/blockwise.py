@@ -1,0 +1,104 @@
+"""Run a whole model block by block: each decoder block on the device only while it runs.
+
+The model's own forward makes the first block's inputs (:func:`ebft.capture.capture_first_block_inputs`)
+and turns the last block's outputs into logits (:func:`ebft.capture.head_logits`), so nothing about
+the architecture is assumed; in between, the blocks run one at a time, each in its own dtype (the hidden
+states between them are kept in float32, which holds a bf16 or fp16 block's outputs exactly), so the
+result is the model's own forward pass. A block may also run with
+another state than the one it holds (``state_for``): a copy runs, and the model is not changed. A
+streamed model, whose blocks hold no weights, runs this way with every block's state read from disk.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from ebft.capture import calibration_context, capture_block_kwargs, capture_first_block_inputs, head_logits
+from ebft.models.adapter import DecoderBlocks
+from ebft.models.blocks import call_block, move_to
+
+__all__ = ["BlockRunner", "StateFor"]
+
+#: ``state_for(index)``: the state block ``index`` runs with, or None for the one it holds.
+StateFor = Callable[[int], "dict[str, torch.Tensor] | None"]
+
+
+def _own(index: int) -> None:
+    return None
+
+
+class BlockRunner:
+    """Block-by-block forward passes of ``model`` over token windows of one length."""
+
+    def __init__(self, model: nn.Module, blocks: DecoderBlocks, device: torch.device, batch_size: int = 8,
+                 block_kwargs: list[dict[str, Any]] | None = None, example_ids: torch.Tensor | None = None) -> None:
+        """``block_kwargs`` (as the walk captured them) or ``example_ids`` ([1, seqlen], to capture them)."""
+        self.model, self.blocks, self.device, self.batch_size = model, blocks, device, batch_size
+        if block_kwargs is None:
+            assert example_ids is not None, "give block_kwargs or example_ids"
+            block_kwargs = capture_block_kwargs(model, blocks, example_ids[:1])
+        self.kwargs = block_kwargs
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The hidden states entering block 0 for ``ids`` [n, seqlen]: [n, seqlen, hidden] float32 on the CPU."""
+        return capture_first_block_inputs(self.model, self.blocks, ids, batch_size=self.batch_size)
+
+    def run(self, hidden: torch.Tensor, first: int, last: int, state_for: StateFor = _own) -> torch.Tensor:
+        """``hidden`` (entering block ``first``, changed in place) after blocks ``first`` .. ``last - 1``."""
+        with calibration_context(self.model):
+            for index in range(first, last):
+                with self._block(index, state_for(index)) as block:
+                    dtype = next(block.parameters()).dtype
+                    kwargs = move_to(self.kwargs[index], self.device)
+                    for start in range(0, hidden.shape[0], self.batch_size):
+                        x = hidden[start:start + self.batch_size].to(self.device, dtype)
+                        hidden[start:start + self.batch_size] = call_block(block, x, kwargs).to("cpu", hidden.dtype)
+        return hidden
+
+    def logits(self, ids: torch.Tensor, hidden: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
+        """``(rows, logits)`` per batch of the windows ``ids``, from the last block's outputs ``hidden``."""
+        with torch.no_grad():
+            for start in range(0, ids.shape[0], self.batch_size):
+                rows = slice(start, start + self.batch_size)
+                yield rows, head_logits(self.model, self.blocks, ids[rows], hidden[rows].to(self.device))
+
+    def nll(self, ids: torch.Tensor, state_for: StateFor = _own) -> tuple[float, int]:
+        """Summed negative log-likelihood of ``ids``'s next tokens, and their count."""
+        hidden = self.run(self.embed(ids), 0, len(self.blocks), state_for)
+        total, count = 0.0, 0
+        for rows, logits in self.logits(ids, hidden):
+            target = ids[rows, 1:].to(logits.device)
+            loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                               target.reshape(-1), reduction="sum")
+            total, count = total + float(loss), count + target.numel()
+        return total, count
+
+    def perplexity(self, ids: torch.Tensor, state_for: StateFor = _own) -> float:
+        total, count = self.nll(ids, state_for)
+        return math.exp(total / count)
+
+    def _block(self, index: int, state: dict[str, torch.Tensor] | None) -> Any:
+        runner = self
+
+        class _OnDevice:
+            def __enter__(self) -> nn.Module:
+                block = runner.blocks.blocks[index]
+                if state is not None:  # a copy with that state; the model's block stays as it is
+                    self.copy = copy.deepcopy(block)
+                    self.copy.load_state_dict(state, assign=True)
+                    return self.copy.to(runner.device)
+                self.copy = None
+                self.home = next(block.parameters()).device
+                return block.to(runner.device)
+
+            def __exit__(self, *exc: object) -> None:
+                if self.copy is None:
+                    runner.blocks.blocks[index].to(self.home)
+
+        return _OnDevice()
