@@ -329,3 +329,18 @@ def saved_activation_bytes(block: nn.Module, hidden: torch.Tensor, kwargs: dict[
     finally:
         for p, o in zip(params, old):
             p.requires_grad_(o)
+
+
+def byte_tokenizer():
+    """A fast tokenizer whose ids are UTF-8 bytes, plus <eos> (256) and <bos> (257); adds no BOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    table.update({b: chr(256 + i) for i, b in enumerate(b for b in range(256) if b not in printable)})
+    tok = Tokenizer(models.BPE(vocab={ch: b for b, ch in table.items()}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<eos>", "<bos>"])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<bos>")

@@ -83,21 +83,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # ---------------------------------------------------------------- a byte-level tokenizer (no download)
 
-def byte_tokenizer():
-    """A fast tokenizer whose ids are UTF-8 bytes, plus <eos> (256) and <bos> (257); adds no BOS."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table = {b: chr(b) for b in printable}
-    table.update({b: chr(256 + i) for i, b in enumerate(b for b in range(256) if b not in printable)})
-    tok = Tokenizer(models.BPE(vocab={ch: b for b, ch in table.items()}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<eos>", "<bos>"])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<bos>")
-
-
 def build_model(folder: Path, depth: int, args: argparse.Namespace) -> dict[str, int]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -108,7 +93,7 @@ def build_model(folder: Path, depth: int, args: argparse.Namespace) -> dict[str,
     torch.manual_seed(depth)
     model = LlamaForCausalLM(config).to(torch.float32).eval()
     model.save_pretrained(folder)
-    byte_tokenizer().save_pretrained(folder)
+    C.byte_tokenizer().save_pretrained(folder)
     total = sum(p.numel() for p in model.parameters())
     block = sum(p.numel() for p in model.model.layers[0].parameters())
     block_linear = sum(m.weight.numel() for m in model.model.layers[0].modules() if isinstance(m, torch.nn.Linear))

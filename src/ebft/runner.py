@@ -324,6 +324,8 @@ def run_prune(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer: tupl
         given = model_and_tokenizer[1] if model_and_tokenizer is not None else None
         checked = preflight(cfg, overwrite, resume, processes=1 if dist is None else dist.world_size,
                             tokenizer=given, windows=windows is None)
+    else:
+        t0 -= checked.seconds  # the checks ran before this call; the total counts them all the same
     timings: dict[str, float] = {"checks": checked.seconds}
     plan = checked.plan
     if dist is not None:  # torchrun: every process has checked --out before rank 0 writes to it
@@ -357,7 +359,7 @@ def run_prune(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer: tupl
     tuner = make_finetuner(cfg.finetune, seed=cfg.calib.seed)
     if isinstance(tuner, ModelFinetuner):
         tuner.check(model)
-    timings["load"] = time.perf_counter() - t0 - checked.seconds
+    timings["load"] = time.perf_counter() - t0 - checked.seconds  # loading the weights alone
     calib, eval_windows = windows if windows is not None else (checked.calib, checked.eval_windows)
 
     report = RunReport(

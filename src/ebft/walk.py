@@ -412,9 +412,10 @@ class BlockWalk:
         """
         tuner, finetune, n_train, dist = self.tuner, self.finetune, self.n_train, self.dist
         hidden, targets = self.hidden, self.targets
-        with calibration_context(self.model):
-            untuned = {k: v.detach().clone() for k, v in block.state_dict().items()}
-            untuned_masks = {k: v.clone() for k, v in masks.items()}
+        with calibration_context(self.model):  # the untuned state, in the dtype it is kept in (exact: rounded)
+            untuned = {k: v.detach().to(store if v.is_floating_point() else v.dtype, copy=True)
+                       for k, v in block.state_dict().items()}
+            untuned_masks = {k: v.clone() for k, v in masks.items()} if tuner.refines_masks else {}
             init_loss, holdout_init = self._losses(block, kwargs)
         stopper = None
         extra: dict[str, Any] = {}
