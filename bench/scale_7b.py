@@ -9,7 +9,8 @@ tokenizer whose 258 ids the vocabulary covers. Then runs the real CLI on it in a
         --calib pydoc --nsamples 8 --seqlen 128 --epochs 1 --offload disk --stream on \\
         --eval pydoc:test --eval-seqlen 128 --max-windows 2
 
-The child records its own peak resident memory (``VmHWM``) as it exits. Afterwards the output is
+The child records its own peak resident memory (``VmHWM``: anonymous and file-backed pages) as it
+exits; a sampler also records the largest ``VmRSS``, ``RssAnon`` and ``RssFile`` it sees every 0.5 s. Afterwards the output is
 loaded with ``AutoModelForCausalLM.from_pretrained`` (bf16) and every decoder-block linear weight is
 checked to have exactly half of each row at 0.0 (Wanda's per-row 50%). Printed as one JSON object:
 ``peak_rss_gib``, ``seconds_per_block``, ``input_bytes``, ``output_bytes``, the checks, the disk the run
@@ -173,12 +174,30 @@ def main(argv: list[str] | None = None) -> int:
         watcher.start()
         marks = work / "child.json"
         t = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", CHILD, str(marks), *run_args], env={**os.environ,
-                              "TQDM_DISABLE": "1"}, capture_output=True, text=True)
+        proc = subprocess.Popen([sys.executable, "-c", CHILD, str(marks), *run_args],
+                                env={**os.environ, "TQDM_DISABLE": "1"}, stderr=subprocess.PIPE, text=True)
+        sampled = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
+
+        def watch_memory() -> None:  # the child's resident memory, anonymous and file-backed, every 0.5 s
+            while proc.poll() is None:
+                try:
+                    with open(f"/proc/{proc.pid}/status") as f:
+                        for line in f:
+                            key = line.split(":")[0]
+                            if key in sampled:
+                                sampled[key] = max(sampled[key], int(line.split()[1]) * 1024)
+                except OSError:
+                    return
+                time.sleep(0.5)
+
+        sampler = threading.Thread(target=watch_memory, daemon=True)
+        sampler.start()
+        _, stderr = proc.communicate()
         run_s = time.perf_counter() - t
         stop.set()
         watcher.join()
-        sys.stderr.write(proc.stderr[-4000:])
+        sampler.join()
+        sys.stderr.write(stderr[-4000:])
         if proc.returncode != 0:
             raise SystemExit(f"ebft prune failed with exit {proc.returncode}")
         child = json.loads(marks.read_text())
@@ -215,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             "output_equals_input_size": output_tensor_files == written["file_bytes"],
             "peak_rss_gib": C.r(peak / GiB),
             "peak_rss_under_8gb": peak < 8e9,
+            "sampled_peak_gib": {k: C.r(v / GiB) for k, v in sampled.items()},
             "seconds_per_block": C.r(per_block),
             "block_seconds_min_max": [C.r(min(b["seconds"] for b in blocks)), C.r(max(b["seconds"] for b in blocks))],
             "run_seconds": C.r(run_s),

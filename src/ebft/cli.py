@@ -50,11 +50,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, all_settings().values())  # every run setting, methods' options included (docs/settings.md)
     _output_flags(p)
 
+    rp = sub.add_parser("repair", help="repair a model another tool pruned: its zeros are the masks, the dense model "
+                                       "gives the targets")
+    rp.add_argument("sparse", type=Path, help="the pruned model: a local folder of safetensors weights (any dtype, "
+                                              "sharded or not) whose zeros are the masks")
+    rp.add_argument("--dense", required=True, help="the dense model it was pruned from: hub id, folder, .gguf file "
+                                                   "or alias")
+    rp.add_argument("--out", type=Path, required=True, help="run folder: model/ (HF format) and report.json")
+    rp.add_argument("--overwrite", action="store_true", help="replace --out if it already holds something")
+    rp.add_argument("--resume", action="store_true", help="continue the unfinished run of --out (same flags)")
+    add_flags(rp, [s for s in all_settings().values() if s.path[0] != "prune"])  # the pruning is given
+    _output_flags(rp)
+
     e = sub.add_parser("eval", help="perplexity on a data source and/or zero-shot accuracy on lm-eval tasks")
-    e.add_argument("model", help="hub id, local folder (e.g. RUN/model), .gguf file, or smollm2-135m")
-    e.add_argument("--data", default=None,
-                   help="perplexity source: wikitext2, c4, pydoc, text:PATH, jsonl:PATH (this and/or --tasks)")
-    e.add_argument("--seqlen", type=int, default=1024, help="tokens per perplexity window (default 1024)")
+    e.add_argument("model", nargs="+", help="one or more models: hub id, local folder (e.g. RUN/model), .gguf file, "
+                                            "or smollm2-135m; several are compared in one table")
+    e.add_argument("--dense", default=None, help="the dense model, evaluated first and marked in the table")
+    e.add_argument("--data", action="append", default=None, metavar="SOURCE",
+                   help="perplexity source (repeatable): wikitext2, c4, pydoc, text:PATH, jsonl:PATH (this and/or "
+                        "--tasks)")
+    seqlen = all_settings()["eval_seqlen"]
+    e.add_argument("--seqlen", type=int, default=seqlen.default,
+                   help=f"tokens per perplexity window (default {seqlen.default})")
     e.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     e.add_argument("--tasks", default=None,
                    help="zero-shot tasks, comma-separated: boolq, rte, winogrande, arc_easy, arc_challenge, "
@@ -103,11 +120,24 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
+    return _prune_and_print(args, _run_config(args))
+
+
+def _cmd_repair(args: argparse.Namespace) -> int:
+    from ebft.settings import all_settings, build_run_config, given_values
+
+    values = given_values(args, [s for s in all_settings().values() if s.path[0] != "prune"])
+    cfg = build_run_config({**values, "pruner": "given", "given_model": str(args.sparse)}, model=args.dense,
+                           out=args.out)
+    return _prune_and_print(args, cfg)
+
+
+def _prune_and_print(args: argparse.Namespace, cfg: RunConfig) -> int:
+    """``ebft prune`` and ``ebft repair``: check, run (under torchrun, with the other processes), print."""
     from ebft.distributed import torchrun_world
     from ebft.finetune import ModelResult
     from ebft.runner import preflight, run_prune
 
-    cfg = _run_config(args)
     world = torchrun_world()
     if world is not None:  # the device each process of a torchrun job gets, checked first
         from ebft.distributed import process_device
@@ -130,6 +160,10 @@ def _cmd_prune(args: argparse.Namespace) -> int:
               f"{st['kv_heads'][0]} -> {st['kv_heads'][1]}, MLP channels {st['intermediate'][0]} -> "
               f"{st['intermediate'][1]}; {st['parameters_before']:,} -> {st['parameters_after']:,} parameters "
               f"(score {st['score']}, finetune {cfg.finetune.method})")
+    elif cfg.prune.pruner == "given":
+        print(f"repaired {cfg.prune.options.model}: {report.sparsity['overall']:.2%} sparsity "
+              f"({report.sparsity.get('label', '')}), targets from {report.model['source']}, finetune "
+              f"{cfg.finetune.method}")
     else:
         print(f"pruned {report.model['source']} to {report.sparsity['overall']:.2%} sparsity "
               f"({cfg.prune.pruner}, {cfg.prune.label}, finetune {cfg.finetune.method})")
@@ -192,20 +226,19 @@ def _pm(value: float, stderr: float | None) -> str:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from ebft.data import evaluation_tokens, load_documents, parse_source
-    from ebft.eval import perplexity
+    from ebft.data import load_documents, parse_source
     from ebft.fsio import write_json
-    from ebft.models import load_model
-    from ebft.runner import resolve_device
+    from ebft.models.loading import load_config
+    from ebft.runner import check_context_length, resolve_device
 
-    if args.data is None and args.tasks is None:
+    sources = list(dict.fromkeys(args.data or []))
+    if not sources and args.tasks is None:
         raise UsageError("give --data SOURCE (perplexity), --tasks LIST (zero-shot accuracy), or both")
     cfg = None
-    if args.data is not None:
+    if sources:
         if args.seqlen < 2:
             raise UsageError(f"--seqlen must be at least 2; got {args.seqlen}")
-        cfg = EvalConfig(sources=[args.data], seqlen=args.seqlen, max_windows=args.max_windows)
-        parse_source(args.data)
+        cfg = EvalConfig(sources=sources, seqlen=args.seqlen, max_windows=args.max_windows)
     tasks, backend, plan = None, None, None
     if args.tasks is not None:
         from ebft.eval.zeroshot import parse_tasks, plan_local, select_backend
@@ -220,26 +253,49 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if backend == "local":
             plan = plan_local(tasks, args.data_dir)  # fails now, before loading the model, if files are missing
     device = resolve_device(args.device)
-    if args.data is not None:
-        load_documents(args.data, "evaluation", args.data_dir)
+    for source in sources:
+        parse_source(source)
+        load_documents(source, "evaluation", args.data_dir)
     if args.json is not None and args.json.is_dir():
         raise UsageError(f"--json {args.json} is a folder; give a file path such as {args.json / 'eval.json'}")
     if args.json is not None and not args.json.parent.is_dir():
         raise UsageError(f"--json {args.json}: folder {args.json.parent} does not exist")
-    from ebft.models.loading import load_config
-    from ebft.runner import check_context_length
+    models = [*([args.dense] if args.dense else []), *(m for m in args.model if m != args.dense)]
+    for spec in models:  # every model's config before the first one's weights load
+        model_config = load_config(spec)
+        if cfg is not None:
+            check_context_length(model_config, cfg.seqlen, "--seqlen")
+    results = []
+    for spec in models:
+        result = _evaluate_model(spec, cfg, tasks, backend, plan, args, device)
+        result["role"] = "dense" if spec == args.dense else "model"
+        results.append(result)
+    if len(results) > 1:
+        _print_table(results, sources)
+    if args.json is not None:
+        if len(results) == 1 and len(sources) <= 1:  # one model, one source: the flat form
+            one = results[0]
+            write_json(args.json, {**(one["perplexity"][sources[0]] if sources else {}), **(one["zeroshot"] or {})})
+        else:
+            write_json(args.json, {"models": results})
+    return 0
 
-    model_config = load_config(args.model)
-    if cfg is not None:
-        check_context_length(model_config, cfg.seqlen, "--seqlen")
-    loaded = load_model(args.model)
-    summary: dict = {}
-    if cfg is not None:
-        windows = evaluation_tokens(loaded.tokenizer, args.data, cfg.seqlen, cfg.max_windows, data_dir=args.data_dir)
-        result = perplexity(loaded.model, windows, device=device, desc=f"eval {args.data}")
-        print(f"perplexity on {args.data}: {result.perplexity:.3f} ({result.tokens} tokens, {result.windows} windows "
-              f"of {cfg.seqlen})")
-        summary.update(result.to_dict())
+
+def _evaluate_model(spec: str, cfg: EvalConfig | None, tasks: list[str] | None, backend: str | None, plan: object,
+                    args: argparse.Namespace, device: object) -> dict:
+    """One model's perplexity on every source and zero-shot accuracy, printed; returns them."""
+    from ebft.data import evaluation_tokens
+    from ebft.eval import perplexity
+    from ebft.models import load_model
+
+    loaded = load_model(spec)
+    out: dict = {"model": spec, "perplexity": {}, "zeroshot": None}
+    for source in (cfg.sources if cfg is not None else []):
+        windows = evaluation_tokens(loaded.tokenizer, source, cfg.seqlen, cfg.max_windows, data_dir=args.data_dir)
+        result = perplexity(loaded.model, windows, device=device, desc=f"eval {source}")
+        print(f"{spec}: perplexity on {source}: {result.perplexity:.3f} ({result.tokens} tokens, {result.windows} "
+              f"windows of {cfg.seqlen})")
+        out["perplexity"][source] = result.to_dict()
     if tasks is not None:
         from ebft.eval.zeroshot import evaluate_harness, evaluate_local
 
@@ -251,7 +307,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                                 batch_size=args.batch_size, device=device)
             zs.skipped.update(plan.skipped)
         scope = f"first {args.limit} examples per task" if args.limit is not None else "all examples"
-        print(f"zero-shot accuracy ({zs.backend} back-end, {scope}, {zs.seconds:.0f} s):")
+        print(f"{spec}: zero-shot accuracy ({zs.backend} back-end, {scope}, {zs.seconds:.0f} s):")
         result = zs.to_dict()
         for name, r in result["tasks"].items():
             norm = f"  acc_norm {_pm(r['acc_norm'], r.get('acc_norm_stderr'))}" if "acc_norm" in r else ""
@@ -259,10 +315,28 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         for name in zs.skipped:
             print(f"  {name:<14} skipped: not available offline")
         print(f"mean acc over {len(zs.tasks)} tasks: {_pm(result['mean_acc'], result.get('mean_acc_stderr'))}")
-        summary.update(result)
-    if args.json is not None:
-        write_json(args.json, summary)
-    return 0
+        out["zeroshot"] = result
+    return out
+
+
+def _print_table(results: list[dict], sources: list[str]) -> None:
+    """Every model side by side: perplexity per source, accuracy per task, the mean accuracy."""
+    tasks = list(dict.fromkeys(t for r in results if r["zeroshot"] for t in r["zeroshot"]["tasks"]))
+    header = ["model", *(f"ppl {s}" for s in sources), *tasks, *(["mean acc"] if tasks else [])]
+    rows = []
+    for r in results:
+        name = r["model"] + (" (dense)" if r["role"] == "dense" else "")
+        row = [name, *(f"{r['perplexity'][s]['perplexity']:.3f}" for s in sources)]
+        zs = r["zeroshot"] or {"tasks": {}}
+        row += [f"{zs['tasks'][t]['acc']:.4f}" if t in zs["tasks"] else "-" for t in tasks]
+        if tasks:
+            row.append(f"{zs['mean_acc']:.4f}" if "mean_acc" in zs else "-")
+        rows.append(row)
+    print("")
+    print("| " + " | ".join(header) + " |")
+    print("|" + " --- |" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -363,8 +437,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        handler = {"prune": _cmd_prune, "eval": _cmd_eval, "demo": _cmd_demo, "sweep": _cmd_sweep,
-                   "report": _cmd_report}[args.command]
+        handler = {"prune": _cmd_prune, "repair": _cmd_repair, "eval": _cmd_eval, "demo": _cmd_demo,
+                   "sweep": _cmd_sweep, "report": _cmd_report}[args.command]
         with _sigterm_raises():
             return handler(args)
     except EbftError as exc:

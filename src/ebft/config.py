@@ -67,8 +67,13 @@ def _positive_int(value: int, flag: str) -> None:
         raise UsageError(f"{flag} must be a positive whole number; got {value!r}")
 
 
-def check_combinations(given: Collection[str]) -> None:
+def check_combinations(given: Collection[str], pruner: str | None = None) -> None:
     """Refuse settings given together that exclude each other: the command line and sweep cells alike."""
+    if pruner is not None and ("sparsity" in given or "nm" in given):
+        from ebft.pruners import PRUNERS
+
+        if pruner in PRUNERS and not PRUNERS[pruner].sets_sparsity:
+            raise UsageError(f"--pruner {pruner} takes its masks from another model; drop --sparsity and --nm")
     if "structured" in given:
         if "sparsity" in given or "nm" in given:
             raise UsageError("--structured removes whole heads and channels; it does not combine with --sparsity "
@@ -135,8 +140,12 @@ class PruneConfig:
 
     @property
     def label(self) -> str:
+        from ebft.pruners import PRUNERS
+
         if self.structured is not None:
             return f"structured {self.structured:.0%}"
+        if not PRUNERS[self.pruner].sets_sparsity:
+            return "given masks"
         return f"{self.nm[0]}:{self.nm[1]}" if self.nm else f"{self.sparsity:.0%}"
 
 

@@ -18,6 +18,7 @@ them) and is the only copy of the model the guard makes; evaluation runs block b
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
@@ -270,23 +271,19 @@ class ModelGuard(Callback):
             runner.run(hidden, index, index + 1, decided)
         return tuned, best
 
-    def _stage_weights(self, model: nn.Module, use_pruned: bool) -> Any:
+    @contextlib.contextmanager
+    def _stage_weights(self, model: nn.Module, use_pruned: bool) -> Iterator[None]:
         """Within the block, the non-block weights are the pruned-only ones (``use_pruned``) or the model's own."""
-        guard = self
-
-        class _Swap:
-            def __enter__(self) -> None:
-                self.saved = None
-                if use_pruned and guard.stage_state is not None:
-                    names = set(guard.stage_state)
-                    self.saved = {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
-                    model.load_state_dict(guard.stage_state, strict=False)
-
-            def __exit__(self, *exc: object) -> None:
-                if self.saved is not None:
-                    model.load_state_dict(self.saved, strict=False)
-
-        return _Swap()
+        saved = None
+        if use_pruned and self.stage_state is not None:
+            names = set(self.stage_state)
+            saved = {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
+            model.load_state_dict(self.stage_state, strict=False)
+        try:
+            yield
+        finally:
+            if saved is not None:
+                model.load_state_dict(saved, strict=False)
 
 
 def kept_blocks_text(report: dict[str, Any]) -> Iterator[str]:

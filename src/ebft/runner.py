@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import ebft
+from ebft.card import model_card
 from ebft.checkpoint import (
     Checkpoint,
     CheckpointCallback,
@@ -33,14 +34,15 @@ from ebft.errors import EbftError, UsageError
 from ebft.eval import perplexity
 from ebft.export import DTYPES, write_model
 from ebft.finetune import FINETUNERS, BlockFinetuner, ModelFinetuner, make_finetuner
-from ebft.fsio import existing_ancestor
+from ebft.fsio import existing_ancestor, write_text
 from ebft.guard import ModelGuard
 from ebft.models import SUPPORTED_MODEL_TYPES, find_blocks, load_model, load_tokenizer
 from ebft.models.blocks import move_non_block_modules
 from ebft.models.loading import load_config, resolve_model
 from ebft.precision import PrecisionChoice, resolve_for_block
+from ebft.pruners import PRUNERS
 from ebft.results import RunReport
-from ebft.sparsity import mask_stats, weight_sparsity
+from ebft.sparsity import describe_pattern, mask_stats, weight_sparsity
 from ebft.walk import BlockWalk, Callback, check_nm_divisible, holdout_count, make_compressor
 
 if TYPE_CHECKING:
@@ -146,6 +148,8 @@ def validate_inputs(cfg: RunConfig, overwrite: bool = False, resume: bool = Fals
         from ebft.structured import check_structured_run
 
         check_structured_run(cfg.prune.structured, cfg.finetune.method, skeleton, config)
+    else:
+        PRUNERS[cfg.prune.pruner].check_run(cfg, config, skeleton)
     streamed = decide_streaming(cfg, config, skeleton)
     if cfg.out is not None:
         needed = estimate_out_bytes(config, cfg.calib.nsamples, cfg.calib.seqlen, skeleton,
@@ -420,6 +424,7 @@ def run_prune(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer: tupl
             if store is None:  # a streamed model was saved before it was evaluated
                 run.save()
             timings["total"] = time.perf_counter() - t0
+            write_text(checkpoint.folder / "final" / "model" / "README.md", model_card(report))
             checkpoint.publish(report.to_dict())
             logger.info("wrote %s", out)
         else:
@@ -530,7 +535,7 @@ class _Run:
             decided = self.guard.check(model, whole_model=isinstance(self.tuner, ModelFinetuner))
             report.model_guard = decided.to_dict() if decided is not None else None
             timings["model_guard"] = time.perf_counter() - t
-        stats = mask_stats(result.masks)
+        stats = {**mask_stats(result.masks), **describe_pattern(result.masks)}
         if self.store is None:
             linears = find_blocks(model).all_linears()
             zeros = sum(weight_sparsity(linears[n].weight.data) * linears[n].weight.numel() for n in linears)

@@ -263,7 +263,7 @@ def build_run_config(values: Mapping[str, Any], **fixed: Any) -> Any:
     unknown = [k for k in values if k not in settings or k == "model"]
     if unknown:
         raise UsageError(f"unknown setting {unknown[0]!r}; known settings: {', '.join(settings)}")
-    check_combinations({k for k, v in values.items() if v is not None})
+    check_combinations({k for k, v in values.items() if v is not None}, values.get("pruner"))
     selected = {"pruner": values.get("pruner", settings["pruner"].default),
                 "finetune": values.get("finetune", settings["finetune"].default)}
     tree: dict[str, Any] = {}

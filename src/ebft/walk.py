@@ -415,7 +415,7 @@ class BlockWalk:
         with calibration_context(self.model):  # the untuned state, in the dtype it is kept in (exact: rounded)
             untuned = {k: v.detach().to(store if v.is_floating_point() else v.dtype, copy=True)
                        for k, v in block.state_dict().items()}
-            untuned_masks = {k: v.clone() for k, v in masks.items()} if tuner.refines_masks else {}
+            untuned_masks = PackedMasks(masks)  # a bit per weight: any tuner may have changed them
             init_loss, holdout_init = self._losses(block, kwargs)
         stopper = None
         extra: dict[str, Any] = {}
@@ -442,8 +442,8 @@ class BlockWalk:
             else:
                 logger.warning("block %d: %s; restoring its untuned weights", index, result.restored)
                 block.load_state_dict(untuned)
-                for key, mask in untuned_masks.items():
-                    masks[key].copy_(mask)
+                for key in masks:
+                    masks[key].copy_(untuned_masks[key])
                 final_loss, holdout_final = init_loss, holdout_init
                 self._propagate(block, kwargs)
         report = BlockReport(

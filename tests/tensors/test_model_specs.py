@@ -34,7 +34,7 @@ def test_alias_without_package(monkeypatch: pytest.MonkeyPatch) -> None:
         raise importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
-    dist, _, hint = ALIASES["smollm2-135m"]
+    dist, _, hint, _ = ALIASES["smollm2-135m"]
     with pytest.raises(EbftError) as info:
         resolve_model("smollm2-135m")
     assert dist in str(info.value) and hint in str(info.value)

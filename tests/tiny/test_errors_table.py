@@ -60,6 +60,29 @@ def unfinished_run(tiny_model_dir: Path, text_file: Path, tmp_path_factory: pyte
     return work_dir(out)
 
 
+@pytest.fixture(scope="module")
+def repair_models(tiny_model_dir: Path, text_file: Path, tokenizer, tmp_path_factory: pytest.TempPathFactory,
+                  tiny_factory) -> dict[str, str]:
+    """Models that are not the tiny model pruned: another width, structurally shrunk, another tokenizer."""
+    import copy
+
+    from ebft.export import write_model
+    from ebft.models import load_model
+
+    root = tmp_path_factory.mktemp("repair-models")
+    narrow = root / "narrow"
+    tiny_factory("llama", hidden_size=24, intermediate_size=48, num_attention_heads=2, num_key_value_heads=1,
+                 head_dim=12).save_pretrained(narrow)
+    base = PRUNE.format(model=tiny_model_dir, text=text_file, out="{out}") + " --finetune none --quiet"
+    assert main(shlex.split(base.format(out=root / "shrunk")) + ["--structured", "0.25"]) == 0
+    assert main(shlex.split(base.format(out=root / "pruned"))) == 0
+    loaded = load_model(str(root / "pruned" / "model"))
+    other = copy.deepcopy(tokenizer)
+    other.add_special_tokens({"additional_special_tokens": ["<sep>"]})
+    write_model(root / "retok", loaded.model, other)
+    return {"narrow": str(narrow), "shrunk": str(root / "shrunk" / "model"), "retok": str(root / "retok")}
+
+
 @pytest.fixture
 def held_locks() -> Iterator[list]:
     handles: list = []
@@ -77,6 +100,8 @@ def test_errors_table(setup: str, command: str, code: int, message: str, tiny_mo
     out = tmp_path / "out"
     values = {"prune": PRUNE, "model": str(tiny_model_dir), "text": str(text_file), "short": str(short_text_file),
               "out": str(out), "work": str(work_dir(out)), "tmp": str(tmp_path)}
+    if setup == "repair":
+        values.update(request.getfixturevalue("repair_models"))
 
     def fill(text: str) -> str:
         for key, value in values.items():
@@ -85,6 +110,7 @@ def test_errors_table(setup: str, command: str, code: int, message: str, tiny_mo
 
     setups: dict[str, Callable[[], None]] = {
         "": lambda: None,
+        "repair": lambda: None,  # the models of the repair_models fixture
         "files": lambda: (out.mkdir(), (out / "keep.txt").write_text("precious")),
         "out-file": lambda: out.write_text("precious"),
         "tmp-file": lambda: (tmp_path / "file").write_text("precious"),

@@ -11,6 +11,7 @@ streamed model, whose blocks hold no weights, runs this way with every block's s
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Callable, Iterator
@@ -83,22 +84,21 @@ class BlockRunner:
         total, count = self.nll(ids, state_for)
         return math.exp(total / count)
 
-    def _block(self, index: int, state: dict[str, torch.Tensor] | None) -> Any:
-        runner = self
-
-        class _OnDevice:
-            def __enter__(self) -> nn.Module:
-                block = runner.blocks.blocks[index]
-                if state is not None:  # a copy with that state; the model's block stays as it is
-                    self.copy = copy.deepcopy(block)
-                    self.copy.load_state_dict(state, assign=True)
-                    return self.copy.to(runner.device)
-                self.copy = None
-                self.home = next(block.parameters()).device
-                return block.to(runner.device)
-
-            def __exit__(self, *exc: object) -> None:
-                if self.copy is None:
-                    runner.blocks.blocks[index].to(self.home)
-
-        return _OnDevice()
+    @contextlib.contextmanager
+    def _block(self, index: int, state: dict[str, torch.Tensor] | None) -> Iterator[nn.Module]:
+        """Block ``index`` on the device: the model's own, or (with ``state``) a copy holding that state."""
+        block = self.blocks.blocks[index]
+        if state is not None:  # the model's block stays as it is
+            work = copy.deepcopy(block)
+            work.load_state_dict(state, assign=True)
+            del state
+            try:
+                yield work.to(self.device)
+            finally:
+                del work
+            return
+        home = next(block.parameters()).device
+        try:
+            yield block.to(self.device)
+        finally:
+            block.to(home)

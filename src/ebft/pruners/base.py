@@ -27,6 +27,7 @@ class Pruner:
     Options: ClassVar[type | None] = None  # set by @register_pruner
     needs_activations: ClassVar[bool] = False
     per_row: ClassVar[bool] = False  # unstructured comparison group: each output row, or the whole layer
+    sets_sparsity: ClassVar[bool] = True  # False: the masks come from elsewhere (--sparsity and --nm do not apply)
 
     def __init__(self, sparsity: float, nm: tuple[int, int] | None = None, options: Any = None,
                  **option_values: Any) -> None:
@@ -43,6 +44,11 @@ class Pruner:
         else:
             base = options if options is not None else self.Options()
             self.options = dataclasses.replace(base, **option_values) if option_values else base
+
+    @classmethod
+    def check_run(cls, cfg: Any, config: Any, skeleton: Any) -> None:
+        """Before any weight loads: fail in one line if the run (a RunConfig; the model's config and meta
+        skeleton) cannot work with this pruner. Nothing to check by default."""
 
     def add_batch(self, name: str, inputs: Tensor) -> None:
         """Record ``inputs`` [..., in_features] seen by layer ``name``; no-op unless overridden."""

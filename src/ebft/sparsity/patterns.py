@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ebft.sparsity.masks import keep_top
 
-__all__ = ["MaskStructure", "detect_nm", "detect_structure", "topk_mask"]
+__all__ = ["MaskStructure", "describe_pattern", "detect_nm", "detect_structure", "topk_mask"]
 
 
 def detect_nm(keep: Tensor) -> tuple[int, int] | None:
@@ -73,3 +74,16 @@ def topk_mask(scores: Tensor, structure: MaskStructure) -> Tensor:
     raise ValueError(f"unknown mask structure {structure.kind!r}")
 
 
+
+
+def describe_pattern(masks: dict[str, Tensor] | Any) -> dict[str, Any]:
+    """The pattern the masks share: ``{"pattern": "N:M", "n", "m"}``, ``"per row"`` (every output row keeps
+    the same count) or ``"per layer"`` (only a layer-wide count), with a short ``label``."""
+    structures = [detect_structure(mask) for mask in masks.values()]
+    kinds = {s.kind for s in structures}
+    if kinds == {"nm"} and len({(s.n, s.m) for s in structures}) == 1:
+        return {"pattern": "N:M", "n": structures[0].n, "m": structures[0].m,
+                "label": f"{structures[0].n}:{structures[0].m}"}
+    if kinds == {"row"}:
+        return {"pattern": "per row", "label": "unstructured, the same count in every row"}
+    return {"pattern": "per layer", "label": "unstructured"}

@@ -1,0 +1,74 @@
+"""Masks from a model another tool pruned: the exact zeros of its decoder-block linear weights.
+
+``--pruner given --given-model SPARSE`` (what ``ebft repair SPARSE --dense DENSE`` runs) walks the dense
+model as any run does, so every block's targets are the dense block's outputs, and compresses each
+layer to the pruned model's own weights: the mask is where they are not exactly 0.0 and the kept
+weights are the pruned model's values (SparseGPT, say, changed them). The mask's pattern (N:M,
+the same count in every row, or a layer-wide count) is read from the masks and reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ebft.errors import EbftError, UsageError
+from ebft.pruners.base import Pruner, register_pruner
+from ebft.settings import setting
+
+__all__ = ["GivenOptions", "GivenPruner"]
+
+
+@dataclass
+class GivenOptions:
+    """What only ``--pruner given`` reads."""
+
+    model: str = setting("", metavar="SPARSE",
+                         help="the pruned model whose zeros are the masks (a local folder of safetensors weights)")
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str):
+            raise UsageError(f"--given-model must be a path; got {self.model!r}")
+
+
+@register_pruner("given", options=GivenOptions)
+class GivenPruner(Pruner):
+    """Takes each layer's weights and mask from the pruned model ``--given-model``."""
+
+    sets_sparsity = False  # the given model's zeros are the sparsity: --sparsity and --nm do not apply
+
+    @classmethod
+    def check_run(cls, cfg: Any, config: Any, skeleton: Any) -> None:
+        from ebft.repair import check_repair
+
+        if not cfg.prune.options.model:
+            raise UsageError("--pruner given needs --given-model SPARSE: the pruned model whose zeros are the masks")
+        check_repair(cfg.prune.options.model, cfg.model, config, skeleton)
+
+    def __init__(self, sparsity: float = 0.0, nm: tuple[int, int] | None = None, options: GivenOptions | None = None,
+                 **option_values: Any) -> None:
+        super().__init__(sparsity, nm, options, **option_values)
+        if not self.options.model:
+            raise UsageError("--pruner given needs --given-model SPARSE: the pruned model whose zeros are the masks")
+        from ebft.models.streaming import CheckpointFiles
+
+        self.files = CheckpointFiles(Path(self.options.model))
+
+    def prune(self, name: str, weight: Tensor) -> Tensor:
+        key = name + ".weight"
+        if key not in self.files:
+            raise EbftError(f"the pruned model {self.options.model} has no {key}; it does not match the dense model")
+        given = self.files.get(key).to(device=weight.device, dtype=weight.dtype)
+        if given.shape != weight.shape:
+            raise EbftError(f"{key} is {tuple(given.shape)} in the pruned model but {tuple(weight.shape)} in the dense "
+                            "one; they are not the same architecture")
+        with torch.no_grad():
+            weight.copy_(given)
+        return given != 0
+
+    def mask(self, name: str, weight: Tensor) -> Tensor:
+        return self.prune(name, weight.detach().clone())
