@@ -51,26 +51,11 @@ def calibration_context(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _stubbed_blocks(blocks: DecoderBlocks, on_call) -> Iterator[None]:
-    """Replace every block's forward with ``on_call(index, hidden_states, kwargs)``; always restores."""
-    originals = []
-    last = len(blocks) - 1
-    for index, block in enumerate(blocks.blocks):
-        originals.append(block.__dict__.get("forward"))
-
-        def stub(*args: Any, _index: int = index, **kwargs: Any) -> torch.Tensor:
-            if args:
-                hidden, rest = args[0], args[1:]
-                if rest:
-                    raise RuntimeError("decoder block called with extra positional arguments; unsupported model")
-            else:
-                hidden = kwargs.pop("hidden_states")
-            on_call(_index, hidden, kwargs)
-            if _index == last:
-                raise _StopForward
-            return hidden
-
-        block.forward = stub
+def _forwards_replaced(blocks: DecoderBlocks, forwards: list[Callable[..., Any]]) -> Iterator[None]:
+    """Within, block ``i``'s forward is ``forwards[i]``; the blocks' own forwards always come back."""
+    originals = [block.__dict__.get("forward") for block in blocks.blocks]
+    for block, forward in zip(blocks.blocks, forwards):
+        block.forward = forward
     try:
         yield
     finally:
@@ -79,6 +64,25 @@ def _stubbed_blocks(blocks: DecoderBlocks, on_call) -> Iterator[None]:
                 del block.forward
             else:
                 block.forward = original
+
+
+def _stubbed_blocks(blocks: DecoderBlocks, on_call) -> contextlib.AbstractContextManager:
+    """Replace every block's forward with ``on_call(index, hidden_states, kwargs)``; always restores."""
+    last = len(blocks) - 1
+
+    def stub(*args: Any, _index: int, **kwargs: Any) -> torch.Tensor:
+        if args:
+            hidden, rest = args[0], args[1:]
+            if rest:
+                raise RuntimeError("decoder block called with extra positional arguments; unsupported model")
+        else:
+            hidden = kwargs.pop("hidden_states")
+        on_call(_index, hidden, kwargs)
+        if _index == last:
+            raise _StopForward
+        return hidden
+
+    return _forwards_replaced(blocks, [functools.partial(stub, _index=i) for i in range(len(blocks))])
 
 
 def _clean_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -174,18 +178,9 @@ def head_logits(model: nn.Module, blocks: DecoderBlocks, input_ids: torch.Tensor
         hidden = args[0] if args else kwargs["hidden_states"]
         return last_hidden.to(hidden.device, hidden.dtype) if _first else hidden
 
-    originals = [block.__dict__.get("forward") for block in blocks.blocks]
-    for index, block in enumerate(blocks.blocks):
-        block.forward = functools.partial(stub, _first=index == 0)
-    try:
-        with calibration_context(model):
-            return model(input_ids=input_ids.to(_input_device(model)), use_cache=False).logits
-    finally:
-        for block, original in zip(blocks.blocks, originals):
-            if original is None:
-                del block.forward
-            else:
-                block.forward = original
+    with _forwards_replaced(blocks, [functools.partial(stub, _first=i == 0) for i in range(len(blocks))]), \
+            calibration_context(model):
+        return model(input_ids=input_ids.to(_input_device(model)), use_cache=False).logits
 
 
 def _input_device(model: nn.Module) -> torch.device:
