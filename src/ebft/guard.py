@@ -42,6 +42,10 @@ logger = logging.getLogger(__name__)
 #: How many of the dense model's most likely next tokens are kept per position.
 TOP_K = 64
 
+#: Windows whose full-vocabulary logits are held at once while the guard scores (one window of 256
+#: tokens over a 49k vocabulary is 50 MB in float32, and its log-softmax as much again).
+HEAD_BATCH = 1
+
 
 @dataclass
 class Reference:
@@ -94,7 +98,7 @@ def _scores(runner: BlockRunner, hidden: torch.Tensor, ref: Reference) -> Scores
     """KL and cross-entropy of the logits the head gives for ``hidden`` (the last block's outputs)."""
     kl = ce = 0.0
     count = 0
-    for rows, logits in runner.logits(ref.ids, hidden):
+    for rows, logits in runner.logits(ref.ids, hidden, HEAD_BATCH):
         k, c, n = score_sums(logits, ref, rows)
         kl, ce, count = kl + k, ce + c, count + n
     return Scores(kl / count, ce / count)
@@ -163,8 +167,10 @@ class ModelGuard(Callback):
         start = time.perf_counter()
         runner = self._runner(walk.model)
         hidden = runner.run(runner.embed(ids), 0, len(walk.blocks), self.dense_state)
-        logits = torch.cat([logits.cpu() for _, logits in runner.logits(ids, hidden)])
-        self.reference = reference_from_logits(logits, ids, self.top_k)
+        parts = [reference_from_logits(logits, ids[rows], self.top_k)
+                 for rows, logits in runner.logits(ids, hidden, HEAD_BATCH)]
+        self.reference = Reference(**{name: torch.cat([getattr(p, name) for p in parts])
+                                      for name in ("ids", "top_ids", "top_logp", "rest_logp")})
         atomic_write(path, lambda tmp: save_file(self.reference.to_tensors(), str(tmp)))  # type: ignore[union-attr]
         logger.info("model guard: the dense model's top-%d next tokens on %d held-out windows recorded in %.1f s",
                     self.top_k, ids.shape[0], time.perf_counter() - start)

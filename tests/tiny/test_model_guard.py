@@ -104,3 +104,28 @@ def test_a_good_repair_is_kept_as_it_is(four_blocks: Path, text_file: Path, tmp_
     assert report["model_guard"]["tuned_blocks"] == [0, 1, 2, 3] and report["model_guard"]["reverted_blocks"] == []
     assert report["model_guard"]["windows"] == 1 and report["model_guard"]["top_k"] == 64  # 1 of 8 held out
     assert "model_guard" in report["timings"]
+
+
+class _Spy(Callback):
+    """At the walk's start (after the guard's), the guard's reference and the dense model's own logits."""
+
+    def on_walk_start(self, walk) -> None:
+        from ebft.guard import ModelGuard
+
+        self.reference = next(c for c in walk.callbacks if isinstance(c, ModelGuard)).reference
+        with torch.no_grad():
+            self.ids = walk.calib_ids[walk.n_train:]
+            self.logits = walk.model(self.ids).logits
+
+
+def test_the_reference_is_the_dense_models_own_forward_window_by_window(four_blocks: Path, text_file: Path,
+                                                                        tmp_path: Path) -> None:
+    cfg = _cfg(four_blocks, text_file, tmp_path / "spy")
+    cfg.calib.nsamples = 32  # 4 held out: the guard scores them one window at a time
+    spy = _Spy()
+    run_prune(cfg, callbacks=[spy])
+    ref, whole = spy.reference, reference_from_logits(spy.logits, spy.ids)
+    assert ref.ids.shape[0] == 4 and torch.equal(ref.ids, spy.ids)
+    assert torch.equal(ref.top_ids, whole.top_ids)
+    for got, want in ((ref.top_logp, whole.top_logp), (ref.rest_logp, whole.rest_logp)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -62,11 +62,17 @@ class BlockRunner:
                         hidden[start:start + self.batch_size] = call_block(block, x, kwargs).to("cpu", hidden.dtype)
         return hidden
 
-    def logits(self, ids: torch.Tensor, hidden: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
-        """``(rows, logits)`` per batch of the windows ``ids``, from the last block's outputs ``hidden``."""
+    def logits(self, ids: torch.Tensor, hidden: torch.Tensor,
+               batch_size: int | None = None) -> Iterator[tuple[slice, torch.Tensor]]:
+        """``(rows, logits)`` per batch of the windows ``ids``, from the last block's outputs ``hidden``.
+
+        ``batch_size``: windows per batch (default: the runner's); the logits of a batch are
+        [batch, seqlen, vocab] float, the largest tensor of the run when the vocabulary is large.
+        """
+        step = batch_size or self.batch_size
         with torch.no_grad():
-            for start in range(0, ids.shape[0], self.batch_size):
-                rows = slice(start, start + self.batch_size)
+            for start in range(0, ids.shape[0], step):
+                rows = slice(start, start + step)
                 yield rows, head_logits(self.model, self.blocks, ids[rows], hidden[rows].to(self.device))
 
     def nll(self, ids: torch.Tensor, state_for: StateFor = _own) -> tuple[float, int]:
