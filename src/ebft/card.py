@@ -15,6 +15,7 @@ import shlex
 from typing import Any
 
 import ebft
+from ebft.page import budget_label
 from ebft.results import RunReport
 from ebft.settings import all_settings, flat_values, plain, show
 
@@ -104,7 +105,7 @@ def model_card(report: RunReport) -> str:
     if method == "none":
         lines.append("- **Repair:** none (pruning alone).")
     else:
-        settings = (f"{finetune['epochs']} epochs, lr {finetune['lr']:g}, batch {finetune['batch_size']}, "
+        settings = (f"{budget_label(finetune)}, "
                     f"precision {report.precision or finetune['precision']}, held-out fraction "
                     f"{finetune['holdout_fraction']:g}")
         options = finetune.get("options") or {}

@@ -62,6 +62,12 @@ def _names(what: str) -> list[str]:
     return list(SCORES)
 
 
+def _calib_windows() -> tuple[str, ...]:
+    from ebft.data.tokens import CALIB_WINDOWS
+
+    return CALIB_WINDOWS
+
+
 def _positive_int(value: int, flag: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UsageError(f"{flag} must be a positive whole number; got {value!r}")
@@ -83,6 +89,9 @@ def check_combinations(given: Collection[str], pruner: str | None = None) -> Non
                              "drop --pruner")
     elif "structured_score" in given:
         raise UsageError("--structured-score needs --structured RATIO")
+    if "steps" in given and "epochs" in given:
+        raise UsageError("--steps and --epochs exclude each other (--steps N takes N optimizer steps whatever the "
+                         "number of windows); give one of them")
     if "sparsity" in given and "nm" in given:
         raise UsageError("--sparsity and --nm exclude each other (--nm N:M prunes 1 - N/M of the weights); "
                          "give one of them")
@@ -158,6 +167,9 @@ class CalibConfig:
     nsamples: int = setting(256, help="calibration windows")
     seqlen: int = setting(1024, help="tokens per calibration window")
     seed: int = setting(0, help="seed for calibration sampling and training order")
+    windows: str = setting("stream", key="calib_windows", choices=lambda: _calib_windows(),
+                           help="how windows are drawn: stream (anywhere in the documents joined by EOS) or document "
+                                "(each inside one document, the Wanda/SparseGPT protocol)")
 
     def __post_init__(self) -> None:
         from ebft.data import parse_source
@@ -169,6 +181,9 @@ class CalibConfig:
             raise UsageError("--seqlen must be at least 2")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise UsageError(f"--seed must be a non-negative whole number; got {self.seed!r}")
+        if self.windows not in _calib_windows():
+            raise UsageError(f"--calib-windows {self.windows!r} is unknown; choose one of: "
+                             f"{', '.join(_calib_windows())}")
 
 
 @dataclass
@@ -190,6 +205,12 @@ class FinetuneConfig:
     batch_size: int = setting(8, training=True, help="calibration windows per optimizer step")
     betas: tuple[float, float] = setting((0.9, 0.95), kind="floats", training=True, metavar="B1,B2",
                                          help="AdamW betas")
+    steps: int | None = setting(None, kind="int", training=True,
+                                help="optimizer steps per block (for a whole-model method: in all), whatever the "
+                                     "number of windows, instead of --epochs (the last pass stops part way)")
+    warmup: float = setting(0.0, training=True,
+                            help="fraction of the steps over which the learning rate rises linearly to --lr before "
+                                 "its linear decay to 0, in [0, 1)")
     weight_decay: float = setting(0.0, training=True, help="AdamW weight decay")
     grad_clip: float = setting(1.0, training=True, help="gradient norm clip; 0 disables")
     precision: str = setting("auto", training=True, choices=lambda: PRECISIONS,
@@ -217,6 +238,9 @@ class FinetuneConfig:
             self.betas = tuple(self.betas)  # type: ignore[assignment]
         if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in self.betas):
             raise UsageError(f"--betas must be two numbers, each in [0, 1), such as 0.9,0.95; got {self.betas!r}")
+        if self.steps is not None:
+            _positive_int(self.steps, "--steps")
+        check_finite(self.warmup, "--warmup", "in [0, 1) (0: no warm-up)", low=0.0, high=1.0)
         check_finite(self.weight_decay, "--weight-decay", ">= 0", low=0.0)
         check_finite(self.grad_clip, "--grad-clip", ">= 0 (0 disables clipping)", low=0.0)
         if self.precision not in PRECISIONS:

@@ -120,3 +120,14 @@ def sparsity_label(prune: dict[str, Any]) -> str:
         return f"{nm[0]}:{nm[1]}"
     sparsity = float(prune.get("sparsity", 0.0))
     return f"{sparsity:.0%}" if round(sparsity * 100, 6).is_integer() else f"{sparsity:.1%}"
+
+
+def budget_label(finetune: dict[str, Any]) -> str:
+    """A config's training budget: ``10 epochs, lr 0.001, batch 4`` (steps, warm-up and weight decay when set)."""
+    text = f"{finetune['steps']} steps" if finetune.get("steps") else f"{finetune['epochs']} epochs"
+    text += f", lr {finetune['lr']:g}"
+    if finetune.get("warmup"):
+        text += f" (warm-up {finetune['warmup']:g})"
+    if finetune.get("weight_decay"):
+        text += f", weight decay {finetune['weight_decay']:g}"
+    return text + f", batch {finetune['batch_size']}"

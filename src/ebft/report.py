@@ -17,7 +17,7 @@ from ebft.checkpoint import read_report
 from ebft.errors import EbftError, UsageError
 from ebft.finetune.base import ModelResult
 from ebft.fsio import write_text
-from ebft.page import Page, fmt, fmt_loss, sparsity_label
+from ebft.page import Page, budget_label, fmt, fmt_loss, sparsity_label
 from ebft.results import RunReport
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def build_page(report: RunReport, images: dict[str, str]) -> Page:
         ["calibration", f"`{cfg['calib']['source']}`, {cfg['calib']['nsamples']} windows x {cfg['calib']['seqlen']} "
                         f"tokens, seed {cfg['calib']['seed']}"],
         ["fine-tuning", ft["method"] if not tuned else
-         f"{ft['method']}: {ft['epochs']} epochs, lr {ft['lr']:g}, batch {ft['batch_size']}, "
+         f"{ft['method']}: {budget_label(ft)}, "
          f"held-out fraction {ft['holdout_fraction']:g}" + (f", patience {ft['patience']}" if ft.get("patience") else "")],
         ["evaluation", ", ".join(f"`{s}`" for s in cfg["eval"]["sources"]) + f"; windows of {cfg['eval']['seqlen']}"
                        + (f", first {cfg['eval']['max_windows']}" if cfg["eval"].get("max_windows") else "")

@@ -90,7 +90,7 @@ def preflight(cfg: RunConfig, overwrite: bool = False, resume: bool = False, pro
         return Checked(plan, streamed, seconds=time.perf_counter() - start)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
     calib = calibration_windows(tokenizer, cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen, cfg.calib.seed,
-                                data_dir=cfg.data_dir)
+                                data_dir=cfg.data_dir, windows=cfg.calib.windows)
     eval_windows = {source: evaluation_tokens(tokenizer, source, cfg.eval.seqlen, cfg.eval.max_windows,
                                               data_dir=cfg.data_dir) for source in cfg.eval.sources}
     if plan == "resume":

@@ -14,6 +14,7 @@ from ebft import precision as precision_module
 from ebft.config import FinetuneConfig
 from ebft.finetune import FINETUNERS
 from ebft.finetune.ebft import EBFT
+from ebft.finetune.loop import lr_factor, planned_steps
 from ebft.precision import describe_precision, resolve_precision
 from ebft.sparsity import apply_mask_
 
@@ -51,15 +52,17 @@ def tiny_problem(residual_mlp) -> Callable[..., tuple[nn.Module, torch.Tensor, t
 def _reference_adamw(
     block: nn.Module, x: torch.Tensor, y: torch.Tensor, masks: dict[str, torch.Tensor], steps: int,
     lr: float, betas: tuple[float, float], weight_decay: float, clip: float, decay: bool = True,
+    schedule: list[float] | None = None,
 ) -> list[float]:
-    """Full-batch masked AdamW with a linear decay to 0, written out by hand; returns the grad norms."""
+    """Full-batch masked AdamW with a linear decay to 0 (or the learning rate ``lr * schedule[t]`` at
+    step ``t``), written out by hand; returns the grad norms."""
     params = dict(block.named_parameters())
     m = {n: torch.zeros_like(p) for n, p in params.items()}
     v = {n: torch.zeros_like(p) for n, p in params.items()}
     b1, b2 = betas
     norms = []
     for t in range(steps):
-        lr_t = lr * (1 - t / steps) if decay else lr
+        lr_t = lr * schedule[t] if schedule is not None else lr * (1 - t / steps) if decay else lr
         block.zero_grad(set_to_none=True)
         block.requires_grad_(True)
         loss = ((block(x) - y) ** 2).mean()
@@ -120,6 +123,35 @@ def test_matches_hand_written_masked_adamw_with_linear_decay(tiny_problem, resid
     # the check can tell a linear decay from a constant learning rate
     gap = max(float((want[n] - const[n]).abs().max()) for n in want)
     assert gap > 1e-3
+
+
+def test_lr_factor_warms_up_then_decays_by_hand() -> None:
+    # 6 steps, 2 of warm-up: 1/2, 2/2, then 1 - k/4 for k = 0..3
+    assert [lr_factor(t, 6, 2) for t in range(6)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+    assert [lr_factor(t, 4, 0) for t in range(4)] == [1 - t / 4 for t in range(4)]  # no warm-up: as before
+
+
+def test_warmup_and_a_fixed_step_count_match_hand_written_adamw(tiny_problem, residual_mlp) -> None:
+    block, x, y, masks = tiny_problem()
+    reference = residual_mlp()
+    reference.load_state_dict(block.state_dict())
+    _reference_adamw(reference, x, y, masks, steps=6, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, clip=0.0,
+                     schedule=[0.5, 1.0, 1.0, 0.75, 0.5, 0.25])
+    cfg = _cfg(epochs=1, steps=6, warmup=0.34, lr=1e-2, weight_decay=0.1)  # round(0.34 * 6) = 2 warm-up steps
+    result = EBFT(cfg, seed=0).tune(block, x, y, masks, {}, index=0)
+    assert result.steps == 6 and len(result.losses) == 6  # one window: 6 epochs of one step
+    got, want = block.state_dict(), reference.state_dict()
+    for name in got:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+
+
+def test_steps_stop_part_way_through_the_last_pass(tiny_problem) -> None:
+    block, x, y, masks = tiny_problem(nsamples=5)
+    result = EBFT(_cfg(steps=7, batch_size=2), seed=0).tune(block, x, y, masks, {}, index=0)
+    assert planned_steps(_cfg(steps=7, batch_size=2), 5) == (7, 3, 3)
+    assert result.steps == 7 and len(result.losses) == 3  # 3 + 3 + 1 steps
+    assert result.tokens == (5 + 5 + 2) * 12  # the last pass took one batch of 2 windows
+    assert planned_steps(_cfg(epochs=4, batch_size=2), 5) == (12, 3, 4)
 
 
 def test_epoch_losses_are_the_training_losses(tiny_problem) -> None:

@@ -228,3 +228,42 @@ def test_real_wikitext2_test_rows() -> None:
     rows = load_documents("wikitext2", "evaluation", data_dir=_REAL_DIR)
     assert len(rows) == 4358
     assert "\n\n".join(rows).startswith("\n\n = Robert Boulter = \n\n\n")
+
+
+def test_document_windows_lie_inside_one_long_enough_document(tmp_path: Path,
+                                                              tokenizer: PreTrainedTokenizerFast) -> None:
+    # documents of 5, 12, 3 and 20 byte-tokens, each of one letter: a window's letter names its document
+    texts = ["a" * 5, "b" * 12, "c" * 3, "d" * 20]
+    spec = f"jsonl:{_write_jsonl(tmp_path / 'd.jsonl', texts)}"
+    windows = calibration_windows(tokenizer, spec, nsamples=300, seqlen=8, seed=1, windows="document")
+    assert windows.shape == (300, 8)
+    letters = {chr(int(row[0])) for row in windows}
+    assert letters == {"b", "d"}  # the 5- and 3-token documents are shorter than a window
+    assert all(len(set(row.tolist())) == 1 for row in windows)  # no EOS, no second document inside
+    again = calibration_windows(tokenizer, spec, nsamples=300, seqlen=8, seed=1, windows="document")
+    assert torch.equal(windows, again)
+    assert not torch.equal(windows, calibration_windows(tokenizer, spec, nsamples=300, seqlen=8, seed=2,
+                                                        windows="document"))
+    # the stream draws windows across documents: some hold an EOS (id 256) between two of them
+    assert (calibration_windows(tokenizer, spec, nsamples=300, seqlen=8, seed=1) == 256).any()
+
+
+def test_document_window_starts_are_uniform_over_the_document(tmp_path: Path,
+                                                              tokenizer: PreTrainedTokenizerFast) -> None:
+    spec = f"jsonl:{_write_jsonl(tmp_path / 'd.jsonl', ['abcdefgh', 'xy'])}"
+    windows = calibration_windows(tokenizer, spec, nsamples=400, seqlen=5, seed=0, windows="document")
+    starts = torch.tensor([int(row[0]) for row in windows])
+    assert set(starts.tolist()) == set(_bytes("abcd"))  # every start of the one 8-token document, none past it
+    counts = torch.bincount(starts - ord("a"))
+    assert counts.min() > 60  # 400 draws over 4 starts: about 100 each
+
+
+def test_document_windows_refuse_when_no_document_is_long_enough(tmp_path: Path,
+                                                                 tokenizer: PreTrainedTokenizerFast) -> None:
+    spec = f"jsonl:{_write_jsonl(tmp_path / 'd.jsonl', ['abc', 'abcdefg'])}"
+    with pytest.raises(EbftError, match=r"no document of --seqlen 8 tokens \(the longest has 7\); .*"
+                                        r"--calib-windows stream") as info:
+        calibration_windows(tokenizer, spec, nsamples=2, seqlen=8, seed=0, windows="document")
+    assert "\n" not in str(info.value)
+    with pytest.raises(UsageError, match="--calib-windows 'doc' is unknown"):
+        calibration_windows(tokenizer, spec, nsamples=2, seqlen=4, seed=0, windows="doc")

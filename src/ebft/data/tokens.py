@@ -7,9 +7,14 @@ Tokenization protocols:
   most ``256 * seqlen`` tokens), tokenized in one call *with* the tokenizer's default special
   tokens, as the standard perplexity scripts do (a Llama tokenizer adds one BOS at position 0,
   SmolLM2 adds nothing). Windows are non-overlapping; the last partial window is dropped.
-* calibration: *no* special tokens. Stream sources (C4, JSON Lines) tokenize each document
-  alone and put the EOS token between documents, so windows may span documents; the others
-  tokenize the joined text. Window starts are drawn uniformly with a seeded generator.
+* calibration: *no* special tokens, windows drawn with a seeded generator in one of two ways
+  (:data:`CALIB_WINDOWS`):
+
+  - ``stream`` (the default): window starts drawn uniformly over one token stream. Stream sources
+    (C4, JSON Lines) tokenize each document alone and put the EOS token between documents, so a
+    window may span documents; the others tokenize the joined text.
+  - ``document`` (the Wanda / SparseGPT / llm-compressor protocol): each window lies inside one
+    document, drawn uniformly among the documents of at least ``seqlen`` tokens, at a uniform start.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ from ebft.data.sources import SOURCES, Source, load_documents, parse_source
 from ebft.errors import EbftError, UsageError
 
 logger = logging.getLogger(__name__)
+
+#: How calibration windows are drawn (``--calib-windows``): see the module docstring.
+CALIB_WINDOWS = ("stream", "document")
 
 
 def _encode(tokenizer: Any, texts: str | list[str], add_special_tokens: bool) -> Any:
@@ -60,10 +68,16 @@ def calibration_windows(
     seqlen: int,
     seed: int,
     data_dir: str | Path | None = None,
+    windows: str = "stream",
 ) -> torch.Tensor:
-    """``[nsamples, seqlen]`` windows at seeded uniform offsets of the calibration stream."""
+    """``[nsamples, seqlen]`` windows at seeded uniform offsets of the calibration stream, or of
+    single documents (``windows="document"``)."""
     _check_positive(nsamples, "--nsamples")
     _check_positive(seqlen, "--seqlen")
+    if windows not in CALIB_WINDOWS:
+        raise UsageError(f"--calib-windows {windows!r} is unknown; choose one of: {', '.join(CALIB_WINDOWS)}")
+    if windows == "document":
+        return _document_windows(tokenizer, spec, nsamples, seqlen, seed, data_dir)
     stream = calibration_stream(tokenizer, spec, data_dir)
     ntokens = int(stream.numel())
     if ntokens < seqlen:
@@ -78,6 +92,30 @@ def calibration_windows(
         "calibration %s: %d tokens, %d windows of %d (seed %d)", spec, ntokens, nsamples, seqlen, seed
     )
     return windows
+
+
+def _document_windows(tokenizer: Any, spec: str, nsamples: int, seqlen: int, seed: int,
+                      data_dir: str | Path | None) -> torch.Tensor:
+    """``[nsamples, seqlen]`` windows, each inside one document of at least ``seqlen`` tokens."""
+    documents = load_documents(spec, "calibration", data_dir)
+    encoded = _encode(tokenizer, documents, False)
+    long_enough = [torch.tensor(ids, dtype=torch.long) for ids in encoded if len(ids) >= seqlen]
+    if not long_enough:
+        longest = max((len(ids) for ids in encoded), default=0)
+        raise EbftError(
+            f"calibration source {spec!r} has no document of --seqlen {seqlen} tokens (the longest has {longest}); "
+            "use a smaller --seqlen or --calib-windows stream"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(0, len(long_enough), (nsamples,), generator=generator)
+    rows = []
+    for pick in picks.tolist():
+        doc = long_enough[pick]
+        start = int(torch.randint(0, doc.numel() - seqlen + 1, (1,), generator=generator))
+        rows.append(doc[start:start + seqlen])
+    logger.info("calibration %s: %d of %d documents have %d tokens or more; %d windows, each inside one (seed %d)",
+                spec, len(long_enough), len(encoded), seqlen, nsamples, seed)
+    return torch.stack(rows)
 
 
 def evaluation_stream(

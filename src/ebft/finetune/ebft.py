@@ -20,7 +20,7 @@ from torch import nn
 
 from ebft.errors import EbftError, UsageError
 from ebft.finetune.base import BlockFinetuner, BlockResult, register_finetuner
-from ebft.finetune.loop import block_mse_loss, train_steps
+from ebft.finetune.loop import block_mse_loss, planned_steps, train_steps
 from ebft.models.blocks import block_device
 from ebft.precision import block_shapes, resolve_precision
 from ebft.settings import setting
@@ -106,10 +106,12 @@ class EBFT(BlockFinetuner):
             for name, mask in device_masks.items():
                 params[name].mul_(mask)
 
+        epochs = planned_steps(cfg, inputs.shape[0])[2]
+
         def epoch_end(epoch: int, loss: float) -> bool:
-            logger.debug("block %d epoch %d/%d loss %.6g", index, epoch + 1, cfg.epochs, loss)
-            if on_epoch_end is not None and on_epoch_end(epoch) and epoch + 1 < cfg.epochs:
-                logger.info("block %d: early stop after epoch %d/%d", index, epoch + 1, cfg.epochs)
+            logger.debug("block %d epoch %d/%d loss %.6g", index, epoch + 1, epochs, loss)
+            if on_epoch_end is not None and on_epoch_end(epoch) and epoch + 1 < epochs:
+                logger.info("block %d: early stop after epoch %d/%d", index, epoch + 1, epochs)
                 return True
             return False
 

@@ -46,7 +46,7 @@ from torch.nn.utils import parametrize
 
 from ebft.errors import EbftError
 from ebft.finetune.base import BlockResult, MaskRefiner, register_finetuner
-from ebft.finetune.loop import block_mse_loss, train_steps
+from ebft.finetune.loop import block_mse_loss, planned_steps, train_steps
 from ebft.models.blocks import block_device
 from ebft.precision import block_shapes, resolve_precision
 from ebft.settings import check_finite, setting
@@ -158,7 +158,7 @@ class EBFTMask(MaskRefiner):
             result.tokens = train_steps(
                 list(scores.values()), cfg, device, precision, inputs.shape[0], self.seed * 1_000_003 + index,
                 block_mse_loss(block, inputs, targets, block_kwargs, device, precision), result,
-                desc=f"block {index} ebft-mask", on_epoch_end=functools.partial(_log_epoch, index, cfg.epochs),
+                desc=f"block {index} ebft-mask", on_epoch_end=functools.partial(_log_epoch, index, planned_steps(cfg, inputs.shape[0])[2]),
                 dist=self.dist,
             )
         if result.restored is None and not all(bool(torch.isfinite(s).all()) for s in scores.values()):

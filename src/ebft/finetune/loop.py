@@ -1,9 +1,11 @@
 """The AdamW training loop the fine-tuners share (EBFT, EBFT mask tuning, LoRA).
 
-AdamW over ``params`` with a linear decay of the learning rate to zero over all steps, gradient-norm
-clipping (``cfg.grad_clip > 0``) and, for fp16, a GradScaler. Each epoch visits the ``nsamples``
-windows in an order drawn from a ``torch.Generator`` seeded with ``seed``, ``cfg.batch_size`` at a
-time (the last batch of an epoch may be smaller).
+AdamW over ``params`` with an optional linear warm-up of the learning rate (``cfg.warmup``, a
+fraction of the steps) and a linear decay to zero over the rest, gradient-norm clipping
+(``cfg.grad_clip > 0``) and, for fp16, a GradScaler. Each epoch visits the ``nsamples`` windows in
+an order drawn from a ``torch.Generator`` seeded with ``seed``, ``cfg.batch_size`` at a time (the
+last batch of an epoch may be smaller). The run takes ``cfg.epochs`` epochs, or exactly
+``cfg.steps`` optimizer steps when that is set (the last epoch then stops part way).
 
 Under torchrun (``dist``), every process draws the same order and takes its contiguous shard of each
 batch; the losses are weighted by each shard's share of the batch's tokens and the gradients summed
@@ -26,7 +28,7 @@ from ebft.precision import autocast_context
 if TYPE_CHECKING:
     from ebft.distributed import DistContext
 
-__all__ = ["TrainResult", "block_mse_loss", "fused_kwargs", "train_steps"]
+__all__ = ["TrainResult", "block_mse_loss", "fused_kwargs", "lr_factor", "planned_steps", "train_steps"]
 
 
 class TrainResult(Protocol):
@@ -44,9 +46,25 @@ def fused_kwargs(device: torch.device) -> dict[str, bool]:
     return {}
 
 
+def planned_steps(cfg: Any, nsamples: int) -> tuple[int, int, int]:
+    """``(total steps, steps per epoch, epochs)`` of a run over ``nsamples`` windows (``cfg``: a FinetuneConfig)."""
+    per_epoch = math.ceil(nsamples / cfg.batch_size)
+    if cfg.steps is None:
+        return cfg.epochs * per_epoch, per_epoch, cfg.epochs
+    return cfg.steps, per_epoch, math.ceil(cfg.steps / per_epoch)
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """The learning rate at 0-based ``step`` over its peak: ``(step + 1) / warmup`` for the first
+    ``warmup`` steps, then a linear decay from 1 towards 0 over the other ``total - warmup``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 1.0 - (step - warmup) / (total - warmup)
+
+
 def train_steps(
     params: Sequence[Tensor],
-    cfg: Any,  # FinetuneConfig: lr, betas, weight_decay, epochs, batch_size, grad_clip
+    cfg: Any,  # FinetuneConfig: lr, betas, weight_decay, epochs or steps, warmup, batch_size, grad_clip
     device: torch.device,
     precision: str,  # resolved: "fp32", "bf16" or "fp16"
     nsamples: int,
@@ -70,18 +88,19 @@ def train_steps(
     optimizer = torch.optim.AdamW(
         params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **fused_kwargs(device)
     )
-    steps_per_epoch = math.ceil(nsamples / cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total_steps)
+    total_steps, steps_per_epoch, epochs = planned_steps(cfg, nsamples)
+    warmup = round(cfg.warmup * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup))
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     generator = torch.Generator().manual_seed(seed)
     tokens = 0
     progress = tqdm(total=total_steps, desc=desc, leave=False, disable=None if dist is None or dist.is_main else True)
     try:
-        for epoch in range(cfg.epochs):
+        for epoch in range(epochs):
             order = torch.randperm(nsamples, generator=generator)
             epoch_loss = 0.0
-            for step in range(steps_per_epoch):
+            epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
+            for step in range(epoch_steps):
                 idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
                 if dist is None:
                     loss, step_tokens = step_loss(idx)
@@ -116,8 +135,8 @@ def train_steps(
                 result.steps += 1
                 tokens += step_tokens
                 progress.update(1)
-                progress.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{loss_value:.4g}")
-            result.losses.append(epoch_loss / steps_per_epoch)
+                progress.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{loss_value:.4g}")
+            result.losses.append(epoch_loss / epoch_steps)
             if on_epoch_end is not None and on_epoch_end(epoch, result.losses[-1]):
                 break
     finally:

@@ -30,7 +30,7 @@ from torch import nn
 from ebft.config import FinetuneConfig
 from ebft.errors import EbftError, UsageError
 from ebft.finetune.base import ModelFinetuner, ModelResult, register_finetuner
-from ebft.finetune.loop import train_steps
+from ebft.finetune.loop import planned_steps, train_steps
 from ebft.models.adapter import find_blocks
 from ebft.precision import autocast_context, block_shapes, resolve_precision
 from ebft.settings import check_finite, setting
@@ -214,7 +214,7 @@ def _train(
         return loss.float(), ids.shape[0] * ids.shape[1]
 
     def epoch_end(epoch: int, loss: float) -> bool:
-        logger.info("lora epoch %d/%d: mean loss %.5g", epoch + 1, cfg.epochs, loss)
+        logger.info("lora epoch %d/%d: mean loss %.5g", epoch + 1, planned_steps(cfg, calib_ids.shape[0])[2], loss)
         return False
 
     was_training = model.training

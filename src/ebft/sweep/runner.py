@@ -41,9 +41,9 @@ class _Resident:
         self.model.load_state_dict(self.dense_state, strict=True)
 
     def calibration(self, cfg: RunConfig) -> torch.Tensor:
-        key = (cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen, cfg.calib.seed)
+        key = (cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen, cfg.calib.seed, cfg.calib.windows)
         if key not in self.calib:
-            self.calib[key] = calibration_windows(self.tokenizer, *key, data_dir=cfg.data_dir)
+            self.calib[key] = calibration_windows(self.tokenizer, *key[:4], data_dir=cfg.data_dir, windows=key[4])
         return self.calib[key]
 
     def evaluation(self, ev: EvalConfig, data_dir: Path | None) -> dict[str, torch.Tensor]:
