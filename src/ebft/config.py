@@ -53,6 +53,10 @@ def _names(what: str) -> list[str]:
         from ebft.finetune import FINETUNERS
 
         return sorted(FINETUNERS)
+    if what == "allocations":
+        from ebft.allocation import ALLOCATIONS
+
+        return list(ALLOCATIONS)
     if what == "sources":
         from ebft.data import source_choices
 
@@ -114,12 +118,20 @@ class PruneConfig:
     structured_score: str = setting("fluctuation", choices=lambda: _names("structured scores"),
                                     help="--structured importance: fluctuation (FLAP: input variance x weight column "
                                          "norm) or magnitude (column norms alone)")
+    allocation: str = setting("uniform", choices=lambda: _names("allocations"),
+                              help="how --sparsity is shared out among the blocks: uniform (each at --sparsity) or owl "
+                                   "(blocks with more outlier weights pruned less, the average kept; unstructured "
+                                   "only)")
     options: Any = options_field()  # the pruner's own options (its registered dataclass)
+    allocation_options: Any = options_field()  # the allocation's own options
 
     def __post_init__(self) -> None:
+        from ebft.allocation import ALLOCATIONS
         from ebft.pruners import PRUNERS
 
         self.options = resolve_options(PRUNERS, "--pruner", self.pruner, self.options)
+        self.allocation_options = resolve_options(ALLOCATIONS, "--allocation", self.allocation,
+                                                  self.allocation_options)
         if isinstance(self.nm, str):
             self.nm = parse_nm(self.nm)
         elif isinstance(self.nm, list):
@@ -133,6 +145,22 @@ class PruneConfig:
             self.sparsity = 1.0 - n / m
         elif not (isinstance(self.sparsity, (int, float)) and math.isfinite(self.sparsity) and 0.0 <= self.sparsity < 1.0):
             raise UsageError(f"--sparsity must be in [0, 1) (0.5 removes half the weights); got {self.sparsity!r}")
+        if self.allocation != "uniform":
+            self._check_allocation()
+
+    def _check_allocation(self) -> None:
+        from ebft.pruners import PRUNERS
+
+        if self.structured is not None or self.nm is not None:
+            what = "--structured" if self.structured is not None else f"--nm {self.nm[0]}:{self.nm[1]}"  # type: ignore[index]
+            raise UsageError(f"--allocation {self.allocation} shares out unstructured --sparsity; {what} prunes every "
+                             "block alike: drop --allocation or use --sparsity")
+        if self.pruner in PRUNERS and not PRUNERS[self.pruner].sets_sparsity:
+            raise UsageError(f"--allocation {self.allocation} needs a pruner that sets the sparsity, not --pruner "
+                             f"{self.pruner}")
+        check = getattr(self.allocation_options, "check_target", None)
+        if check is not None:
+            check(self.sparsity)
 
     def _check_structured(self) -> None:
         from ebft.structured import SCORES

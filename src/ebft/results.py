@@ -47,7 +47,7 @@ class BlockReport:
 
 
 #: RunReport fields that ``to_dict`` leaves out while they are None, as report.json always has.
-_OPTIONAL = ("eval_dense", "resumed", "structured", "model_stage", "precision_choice", "model_guard")
+_OPTIONAL = ("eval_dense", "resumed", "structured", "model_stage", "precision_choice", "model_guard", "allocation")
 
 
 @dataclass
@@ -72,6 +72,7 @@ class RunReport:
     structured: dict[str, Any] | None = None  # the structured plan and its parameter counts
     model_stage: dict[str, Any] | None = None  # a whole-model fine-tuner's ModelResult
     model_guard: dict[str, Any] | None = None  # what the model-level guard measured and decided
+    allocation: dict[str, Any] | None = None  # --allocation other than uniform: each block's sparsity and why
 
     @property
     def method(self) -> str:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import ebft
+from ebft.allocation import Allocated, make_allocation
 from ebft.card import model_card
 from ebft.checkpoint import (
     Checkpoint,
@@ -38,6 +39,7 @@ from ebft.fsio import existing_ancestor, write_text
 from ebft.guard import ModelGuard
 from ebft.models import SUPPORTED_MODEL_TYPES, find_blocks, load_model, load_tokenizer
 from ebft.models.blocks import move_non_block_modules
+from ebft.models.blockwise import BlockRunner
 from ebft.models.loading import load_config, resolve_model
 from ebft.precision import PrecisionChoice, resolve_for_block
 from ebft.pruners import PRUNERS
@@ -502,6 +504,40 @@ class _Run:
     store: Any
     keep_dtype: torch.dtype
 
+    def allocate(self) -> Allocated | None:
+        """Each block's sparsity from the dense model (``--allocation``), into the report; None for uniform.
+
+        A resumed run reuses the sparsities it started with; under torchrun every process takes rank 0's.
+        """
+        cfg, checkpoint, dist = self.cfg, self.checkpoint, self.dist
+        allocation = make_allocation(cfg.prune.allocation, cfg.prune.allocation_options)
+        if allocation is None:
+            return None
+        previous = checkpoint.state.get("allocation") if checkpoint is not None else None
+        if previous is not None:
+            allocated = Allocated(**previous)
+        else:
+            blocks = find_blocks(self.model)
+            move_non_block_modules(self.model, blocks, self.device)
+            try:
+                runner = BlockRunner(self.model, blocks, self.device, example_ids=self.calib[:1])
+                dense = self.store.checkpoint_state if self.store is not None else (lambda index: None)
+                allocated = allocation.allocate(runner, self.calib, cfg.prune.sparsity, dense)
+            finally:
+                move_non_block_modules(self.model, blocks, "cpu")
+        if dist is not None:
+            picked = torch.tensor(allocated.sparsities, dtype=torch.float64, device=dist.device)
+            dist.broadcast_([picked])
+            allocated.sparsities = picked.cpu().tolist()
+        if checkpoint is not None and previous is None:
+            checkpoint.remember("allocation", allocated.to_dict())
+        logger.info("%s allocation: block sparsities %.4f to %.4f (mean %.4f) in %.1f s", allocated.method,
+                    min(allocated.sparsities), max(allocated.sparsities),
+                    sum(allocated.sparsities) / len(allocated.sparsities), allocated.seconds)
+        self.report.allocation = allocated.to_dict()
+        self.report.timings["allocation"] = allocated.seconds
+        return allocated
+
     def prune_and_evaluate(self) -> nn.Module:
         """The block walk (+ a whole-model stage), the guard, sparsity statistics and evaluation, into the report
         (a streamed model is saved first: it is evaluated from what was saved)."""
@@ -509,7 +545,10 @@ class _Run:
         t = time.perf_counter()
         torch.manual_seed(cfg.calib.seed)
         block_tuner = self.tuner if isinstance(self.tuner, BlockFinetuner) else None
-        walk = BlockWalk(model, self.calib, make_compressor(model, cfg.prune), block_tuner, self.finetune, self.device,
+        allocated = self.allocate()
+        sparsities = allocated.sparsities if allocated is not None else None
+        walk = BlockWalk(model, self.calib, make_compressor(model, cfg.prune, sparsities), block_tuner, self.finetune,
+                         self.device,
                          seed=cfg.calib.seed, callbacks=self.callbacks, dist=self.dist, offload_dir=_offload_dir(cfg),
                          store_dtype=self.keep_dtype)
         result = walk.run()
@@ -604,8 +643,6 @@ class _BlockTensors:
 def _evaluate_blockwise(model: nn.Module, windows: dict[str, torch.Tensor], device: torch.device,
                         state_for: Any) -> dict[str, dict]:
     """Perplexity on every source, the model run block by block with each block's state from ``state_for``."""
-    from ebft.models.blockwise import BlockRunner
-
     blocks = find_blocks(model)
     move_non_block_modules(model, blocks, device)
     results = {}

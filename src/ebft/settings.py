@@ -173,8 +173,6 @@ def all_settings() -> dict[str, Setting]:
     Computed afresh on each call, so that a method registered later (a new file imported) appears.
     """
     from ebft.config import RunConfig
-    from ebft.finetune import FINETUNERS
-    from ebft.pruners import PRUNERS
 
     out: dict[str, Setting] = {}
 
@@ -186,15 +184,24 @@ def all_settings() -> dict[str, Setting]:
 
     for s in fields_settings(RunConfig, ()):
         add(s)
-    for selector, registry, section_name in (("pruner", PRUNERS, "prune"), ("finetune", FINETUNERS, "finetune")):
+    for selector, registry, path in selectors():
         for name, cls in registry.items():
             options = getattr(cls, "Options", None) if cls is not None else None
             if options is None:
                 continue
-            for s in fields_settings(options, (section_name, "options"), owner=(selector, name),
-                                      prefix=method_slug(name) + "_"):
+            for s in fields_settings(options, path, owner=(selector, name), prefix=method_slug(name) + "_"):
                 add(s)
     return out
+
+
+def selectors() -> tuple[tuple[str, dict[str, Any], tuple[str, ...]], ...]:
+    """``(key, registry, options path)`` of each setting that picks a method with options of its own."""
+    from ebft.allocation import ALLOCATIONS
+    from ebft.finetune import FINETUNERS
+    from ebft.pruners import PRUNERS
+
+    return (("pruner", PRUNERS, ("prune", "options")), ("allocation", ALLOCATIONS, ("prune", "allocation_options")),
+            ("finetune", FINETUNERS, ("finetune", "options")))
 
 
 # ----------------------------------------------------------------------------- values
@@ -223,7 +230,7 @@ def flat_values(config: Any, settings: Mapping[str, Setting] | None = None) -> d
     A method's options appear only when that method is the one selected.
     """
     settings = all_settings() if settings is None else settings
-    selected = {"pruner": _get(config, ("prune", "pruner")), "finetune": _get(config, ("finetune", "method"))}
+    selected = {key: _get(config, settings[key].path) for key, _, _ in selectors()}
     out = {}
     for key, s in settings.items():
         if s.owner is not None and selected.get(s.owner[0]) != s.owner[1]:
@@ -264,8 +271,7 @@ def build_run_config(values: Mapping[str, Any], **fixed: Any) -> Any:
     if unknown:
         raise UsageError(f"unknown setting {unknown[0]!r}; known settings: {', '.join(settings)}")
     check_combinations({k for k, v in values.items() if v is not None}, values.get("pruner"))
-    selected = {"pruner": values.get("pruner", settings["pruner"].default),
-                "finetune": values.get("finetune", settings["finetune"].default)}
+    selected = {key: values.get(key, settings[key].default) for key, _, _ in selectors()}
     tree: dict[str, Any] = {}
     for key, value in values.items():
         s = settings[key]

@@ -41,7 +41,7 @@ from ebft.errors import EbftError
 from ebft.models.adapter import DecoderBlocks, find_blocks
 from ebft.models.blocks import move_non_block_modules, move_to, record_inputs, run_block
 from ebft.results import BlockReport
-from ebft.sparsity import PackedMasks
+from ebft.sparsity import PackedMasks, share_counts
 
 if TYPE_CHECKING:
     from ebft.config import FinetuneConfig, PruneConfig
@@ -102,13 +102,28 @@ def check_nm_divisible(blocks: DecoderBlocks, nm: tuple[int, int] | None) -> Non
 
 
 class MaskCompressor(Compressor):
-    """Pruning: a :class:`~ebft.pruners.base.Pruner` scores each linear layer and its weights are masked."""
+    """Pruning: a :class:`~ebft.pruners.base.Pruner` scores each linear layer and its weights are masked,
+    at the pruner's sparsity or, with ``sparsities`` (an allocation's), at block ``i``'s own."""
 
-    def __init__(self, pruner: Pruner) -> None:
+    def __init__(self, pruner: Pruner, sparsities: Sequence[float] | None = None) -> None:
         self.pruner = pruner
+        self.sparsities = list(sparsities) if sparsities is not None else None
+        self.target = pruner.sparsity
+        self._counts: dict[tuple[str, int], list[int]] = {}
+
+    def _layer_sparsity(self, local_name: str, linear: nn.Linear, index: int) -> float:
+        """Block ``index``'s share for this layer: its allocated sparsity, rounded so that the layer's pruned
+        weights over all blocks are as many as the uniform target prunes (:func:`share_counts`)."""
+        size = linear.in_features if self.pruner.per_row else linear.in_features * linear.out_features
+        key = (local_name, size)
+        if key not in self._counts:
+            self._counts[key] = share_counts(self.sparsities, size, self.target)  # type: ignore[arg-type]
+        return self._counts[key][index] / size
 
     def check(self, blocks: DecoderBlocks) -> None:
         check_nm_divisible(blocks, self.pruner.nm)
+        if self.sparsities is not None and len(self.sparsities) != len(blocks):
+            raise EbftError(f"the allocation gives {len(self.sparsities)} sparsities for {len(blocks)} blocks")
 
     def observe(self, block: nn.Module, index: int, blocks: DecoderBlocks) -> contextlib.AbstractContextManager:
         if not self.pruner.needs_activations:
@@ -119,20 +134,23 @@ class MaskCompressor(Compressor):
         prefix = blocks.block_name(index) + "."
         masks = {}
         for name, linear in blocks.linears(index).items():
+            if self.sparsities is not None:
+                self.pruner.sparsity = self._layer_sparsity(name[len(prefix):], linear, index)
             masks[name[len(prefix):] + ".weight"] = self.pruner.prune(name, linear.weight.data)
         self.pruner.reset()
         return Compression(masks)
 
 
-def make_compressor(model: nn.Module, prune: PruneConfig) -> Compressor:
-    """The compressor ``prune`` asks for: structured shrinking with ``structured``, else its pruner's masks."""
+def make_compressor(model: nn.Module, prune: PruneConfig, sparsities: Sequence[float] | None = None) -> Compressor:
+    """The compressor ``prune`` asks for: structured shrinking with ``structured``, else its pruner's masks
+    (``sparsities``: each block's, from an allocation)."""
     if prune.structured is not None:
         from ebft.structured import StructuredCompressor
 
         return StructuredCompressor(model, prune.structured, prune.structured_score)
     from ebft.pruners import make_pruner
 
-    return MaskCompressor(make_pruner(prune.pruner, prune.sparsity, prune.nm, prune.options))
+    return MaskCompressor(make_pruner(prune.pruner, prune.sparsity, prune.nm, prune.options), sparsities)
 
 
 # ----------------------------------------------------------------------------- callbacks

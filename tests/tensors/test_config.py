@@ -81,6 +81,7 @@ def test_run_config_to_dict_is_json_ready() -> None:
     assert json.loads(json.dumps(data)) == data
     assert data["out"] == "/tmp/x"
     assert data["prune"] == {"pruner": "wanda", "sparsity": 0.5, "nm": [2, 4], "structured": None,
-                             "structured_score": "fluctuation", "options": None}
+                             "structured_score": "fluctuation", "allocation": "uniform", "options": None,
+                             "allocation_options": None}
     assert data["finetune"]["betas"] == [0.9, 0.95]
     assert data["eval"] == {"sources": ["pydoc"], "seqlen": 8, "max_windows": None}

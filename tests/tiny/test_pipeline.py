@@ -295,7 +295,8 @@ def test_run_prune_end_to_end(tiny_model_dir: Path, text_file: Path, tmp_path: P
     assert report == json.loads(json.dumps(returned))
     assert {"config", "blocks", "sparsity", "eval", "timings", "model"} <= set(report)
     assert report["config"]["prune"] == {"pruner": "wanda", "sparsity": 0.5, "nm": None, "structured": None,
-                                         "structured_score": "fluctuation", "options": None}
+                                         "structured_score": "fluctuation", "allocation": "uniform",
+                                         "options": None, "allocation_options": None}
     assert report["config"]["calib"]["nsamples"] == 4
     assert report["model"]["blocks"] == 2
     assert [b["index"] for b in report["blocks"]] == [0, 1]

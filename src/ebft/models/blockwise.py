@@ -24,10 +24,14 @@ from ebft.capture import calibration_context, capture_block_kwargs, capture_firs
 from ebft.models.adapter import DecoderBlocks
 from ebft.models.blocks import call_block, move_to
 
-__all__ = ["BlockRunner", "StateFor"]
+__all__ = ["BlockRunner", "Observe", "StateFor"]
 
 #: ``state_for(index)``: the state block ``index`` runs with, or None for the one it holds.
 StateFor = Callable[[int], "dict[str, torch.Tensor] | None"]
+
+#: ``observe(index, block)``: a context manager around block ``index``'s pass over every window (the
+#: block that runs, holding its weights: hooks on it see its inputs).
+Observe = Callable[[int, nn.Module], contextlib.AbstractContextManager]
 
 
 def _own(index: int) -> None:
@@ -50,11 +54,13 @@ class BlockRunner:
         """The hidden states entering block 0 for ``ids`` [n, seqlen]: [n, seqlen, hidden] float32 on the CPU."""
         return capture_first_block_inputs(self.model, self.blocks, ids, batch_size=self.batch_size)
 
-    def run(self, hidden: torch.Tensor, first: int, last: int, state_for: StateFor = _own) -> torch.Tensor:
+    def run(self, hidden: torch.Tensor, first: int, last: int, state_for: StateFor = _own,
+            observe: Observe | None = None) -> torch.Tensor:
         """``hidden`` (entering block ``first``, changed in place) after blocks ``first`` .. ``last - 1``."""
         with calibration_context(self.model):
             for index in range(first, last):
-                with self._block(index, state_for(index)) as block:
+                with (self._block(index, state_for(index)) as block,
+                      observe(index, block) if observe is not None else contextlib.nullcontext()):
                     dtype = next(block.parameters()).dtype
                     kwargs = move_to(self.kwargs[index], self.device)
                     for start in range(0, hidden.shape[0], self.batch_size):

@@ -26,6 +26,7 @@ __all__ = [
     "nm_mask",
     "num_pruned",
     "pack_mask",
+    "share_counts",
     "unpack_mask",
     "unstructured_mask",
     "weight_sparsity",
@@ -45,6 +46,23 @@ def num_pruned(count: int, sparsity: float) -> int:
     if not (isinstance(sparsity, (int, float)) and math.isfinite(sparsity) and 0.0 <= sparsity <= 1.0):
         raise UsageError(f"sparsity must be in [0, 1]; got {sparsity!r}")
     return min(count, int(math.floor(count * sparsity + 1e-9)))
+
+
+def share_counts(fractions: list[float], size: int, target: float) -> list[int]:
+    """Whole counts of pruned entries (out of ``size`` each) for groups meant to be pruned at ``fractions``.
+
+    They add up to what ``target`` prunes in every group, ``len(fractions) * num_pruned(size, target)``, so
+    the overall sparsity is exactly the uniform one's; each is ``fraction * size`` rounded down or up, the
+    largest remainders rounded up (the earlier group first on a tie).
+    """
+    total = len(fractions) * num_pruned(size, target)
+    raw = [min(max(float(f), 0.0), 1.0) * size for f in fractions]
+    counts = [min(size, int(math.floor(r + 1e-9))) for r in raw]
+    order = sorted(range(len(raw)), key=lambda i: (counts[i] - raw[i], i))  # largest remainder first
+    missing = total - sum(counts)
+    for i in (order[:missing] if missing > 0 else order[::-1][:-missing]):
+        counts[i] += 1 if missing > 0 else -1
+    return counts
 
 
 def keep_top(scores: Tensor, k: int, dim: int = -1, *, ties: str = "later") -> Tensor:

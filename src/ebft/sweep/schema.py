@@ -30,7 +30,7 @@ UNCOMPARED = ("device", "data_dir", "keep_models", "offload")
 ID_ORDER = ("model", "pruner", "sparsity", "finetune", "calib", "nsamples", "seqlen", "seed", "epochs", "lr",
             "batch_size")
 #: Settings that a structured cell does not read (it removes whole heads and channels instead).
-NOT_STRUCTURED = ("pruner", "sparsity", "nm")
+NOT_STRUCTURED = ("pruner", "sparsity", "nm", "allocation")
 
 
 @dataclass
@@ -245,7 +245,7 @@ def read_settings(settings: dict[str, Any], keys: dict[str, Setting]) -> dict[st
         if key in ignored or (s is not None and s.owner is not None and settings.get(s.owner[0]) != s.owner[1]):
             continue
         if structured and (key in NOT_STRUCTURED or (s is not None and s.owner is not None
-                                                     and s.owner[0] == "pruner")):
+                                                     and s.owner[0] in ("pruner", "allocation"))):
             continue
         if not structured and key == "structured_score":
             continue
