@@ -81,8 +81,10 @@ def reference_from_logits(logits: torch.Tensor, ids: torch.Tensor, k: int = TOP_
     return Reference(ids.cpu(), top_ids.cpu(), top_logp.cpu(), _log1mexp(torch.logsumexp(top_logp, -1)).cpu())
 
 
-def score_sums(logits: torch.Tensor, ref: Reference, rows: slice) -> tuple[float, float, int]:
-    """Summed KL and cross-entropy of ``logits`` [b, seqlen, vocab] against ``ref``'s windows ``rows``."""
+def kl_and_ce(logits: torch.Tensor, ref: Reference, rows: slice | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per predicted token [b, seqlen - 1]: KL(dense || model) over ``ref``'s top-k + rest coarsening, and the
+    negative log-likelihood of the next token, for ``logits`` [b, seqlen, vocab] of ``ref``'s windows ``rows``
+    (differentiable: the distillation stage trains on it)."""
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     device = logp.device
     ids = ref.ids[rows, 1:].to(device)
@@ -91,7 +93,23 @@ def score_sums(logits: torch.Tensor, ref: Reference, rows: slice) -> tuple[float
     model_rest = _log1mexp(torch.logsumexp(model_top, -1))
     kl = (top_logp.exp() * (top_logp - model_top)).sum(-1) + rest_logp.exp() * (rest_logp - model_rest)
     ce = -logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-    return float(kl.double().sum()), float(ce.double().sum()), ids.numel()
+    return kl, ce
+
+
+def score_sums(logits: torch.Tensor, ref: Reference, rows: slice) -> tuple[float, float, int]:
+    """Summed KL and cross-entropy of ``logits`` [b, seqlen, vocab] against ``ref``'s windows ``rows``."""
+    kl, ce = kl_and_ce(logits, ref, rows)
+    return float(kl.double().sum()), float(ce.double().sum()), ce.numel()
+
+
+def dense_reference(runner: BlockRunner, ids: torch.Tensor, k: int = TOP_K,
+                    state_for: StateFor = lambda index: None) -> Reference:
+    """The compact reference of the model ``runner`` runs (with ``state_for``'s blocks) on ``ids``, one
+    window of logits at a time."""
+    hidden = runner.run(runner.embed(ids), 0, len(runner.blocks), state_for)
+    parts = [reference_from_logits(logits, ids[rows], k) for rows, logits in runner.logits(ids, hidden, HEAD_BATCH)]
+    return Reference(**{name: torch.cat([getattr(p, name) for p in parts])
+                        for name in ("ids", "top_ids", "top_logp", "rest_logp")})
 
 
 def _scores(runner: BlockRunner, hidden: torch.Tensor, ref: Reference) -> Scores:
@@ -165,12 +183,7 @@ class ModelGuard(Callback):
             self.reference = Reference(**load_file(str(path)))
             return
         start = time.perf_counter()
-        runner = self._runner(walk.model)
-        hidden = runner.run(runner.embed(ids), 0, len(walk.blocks), self.dense_state)
-        parts = [reference_from_logits(logits, ids[rows], self.top_k)
-                 for rows, logits in runner.logits(ids, hidden, HEAD_BATCH)]
-        self.reference = Reference(**{name: torch.cat([getattr(p, name) for p in parts])
-                                      for name in ("ids", "top_ids", "top_logp", "rest_logp")})
+        self.reference = dense_reference(self._runner(walk.model), ids, self.top_k, self.dense_state)
         atomic_write(path, lambda tmp: save_file(self.reference.to_tensors(), str(tmp)))  # type: ignore[union-attr]
         logger.info("model guard: the dense model's top-%d next tokens on %d held-out windows recorded in %.1f s",
                     self.top_k, ids.shape[0], time.perf_counter() - start)
@@ -301,4 +314,5 @@ def kept_blocks_text(report: dict[str, Any]) -> Iterator[str]:
         yield f"  blocks given back their pruned weights: {', '.join(map(str, report['reverted_blocks']))}"
 
 
-__all__ = ["GuardReport", "ModelGuard", "Reference", "Scores", "reference_from_logits", "score_sums"]
+__all__ = ["GuardReport", "ModelGuard", "Reference", "Scores", "dense_reference", "kl_and_ce", "reference_from_logits",
+           "score_sums"]

@@ -408,6 +408,7 @@ def run_prune(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer: tupl
                            dense_state=store.checkpoint_state if store is not None else None,
                            final_state=checkpoint.block_state if store is not None else None)
     walk_callbacks = [*([guard] if guard is not None else []),  # before the checkpoint's: it sees the dense model
+                      *([tuner] if isinstance(tuner, Callback) else []),  # a stage's teacher, from the dense model
                       *([CheckpointCallback(checkpoint, load_weights=store is None)] if checkpoint is not None
                         else []),
                       *([StreamBlocks(store)] if store is not None else []),  # after the checkpoint has saved a block
@@ -544,7 +545,8 @@ class _Run:
         cfg, report, timings, model = self.cfg, self.report, self.report.timings, self.model
         t = time.perf_counter()
         torch.manual_seed(cfg.calib.seed)
-        block_tuner = self.tuner if isinstance(self.tuner, BlockFinetuner) else None
+        block_tuner = (self.tuner if isinstance(self.tuner, BlockFinetuner) else
+                       self.tuner.block_finetuner() if isinstance(self.tuner, ModelFinetuner) else None)
         allocated = self.allocate()
         sparsities = allocated.sparsities if allocated is not None else None
         walk = BlockWalk(model, self.calib, make_compressor(model, cfg.prune, sparsities), block_tuner, self.finetune,
@@ -571,7 +573,8 @@ class _Run:
             report.model_stage = stage.to_dict()
         if self.guard is not None:
             t = time.perf_counter()
-            decided = self.guard.check(model, whole_model=isinstance(self.tuner, ModelFinetuner))
+            decided = self.guard.check(model, whole_model=isinstance(self.tuner, ModelFinetuner)
+                                       and not self.tuner.changes_only_blocks)
             report.model_guard = decided.to_dict() if decided is not None else None
             timings["model_guard"] = time.perf_counter() - t
         stats = {**mask_stats(result.masks), **describe_pattern(result.masks)}

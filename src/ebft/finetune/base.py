@@ -205,9 +205,15 @@ class ModelFinetuner(_Method):
     """Repairs the whole pruned model after the block walk (masks kept: a pruned weight stays exactly 0.0)."""
 
     kind = "model"
+    #: whether the stage changes only the decoder blocks (then the model guard may judge it block by block)
+    changes_only_blocks = False
 
     def check(self, model: nn.Module) -> None:
         """Everything about ``model`` that can fail before pruning starts."""
+
+    def block_finetuner(self) -> BlockFinetuner | None:
+        """The block fine-tuner the walk runs before this stage (None: the walk prunes only)."""
+        return None
 
     def tune_model(
         self,

@@ -1,0 +1,230 @@
+"""Block walk, then a model-level distillation stage (``--finetune kd``).
+
+The walk repairs each block as ``--kd-block`` says (``ebft``, the default, with the common training
+settings; or ``none``). Then the whole model trains end to end against the dense model's next-token
+distribution on the calibration windows:
+
+- **the teacher** is recorded before any block is pruned (this class is also a walk callback): per
+  token the dense model's top-``--kd-top-k`` log-probabilities and their ids, the rest of the mass as
+  one bucket (:mod:`ebft.guard`'s compact reference), so it costs ``k`` numbers per token, not the
+  vocabulary;
+- **the loss** is KL(teacher || model) over that coarsening, plus ``--kd-ce-weight`` times the
+  causal-LM loss; AdamW over every decoder-block parameter (the embeddings and the head stay), with
+  the learning rate ``--kd-lr`` over ``--kd-epochs`` passes (or ``--kd-steps`` steps) and the common
+  warm-up, decay, clipping, batch size and precision. Gradients of pruned weights are zeroed and the
+  masks re-applied after every step: a pruned weight is exactly 0.0 throughout;
+- **activation checkpointing** (``--kd-checkpointing``, on) recomputes each block's activations in the
+  backward pass, so that memory holds one block's activations at a time besides the model, its
+  gradients and the optimizer's two moments;
+- **never worse on the held-out windows:** the stage trains on the windows the blocks trained on; if
+  it does not lower the KL on the held-out ones, the blocks get back the weights the walk gave them
+  (kept in memory for that: one copy of the blocks' parameters).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ebft.errors import EbftError, UsageError
+from ebft.finetune.base import BlockFinetuner, ModelFinetuner, ModelResult, register_finetuner
+from ebft.finetune.loop import planned_steps, train_steps
+from ebft.guard import Reference, dense_reference, kl_and_ce
+from ebft.models.adapter import find_blocks
+from ebft.models.blockwise import BlockRunner
+from ebft.precision import autocast_context, block_shapes, resolve_precision
+from ebft.settings import check_finite, setting
+from ebft.walk import BlockWalk, Callback, holdout_count
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class KDOptions:
+    """What only ``--finetune kd`` reads."""
+
+    block: str = setting("ebft", choices=lambda: ("ebft", "none"),
+                         help="the block fine-tuner of the walk before the stage: ebft (with the common training "
+                              "settings) or none")
+    lr: float = setting(1e-5, help="peak AdamW learning rate of the model-level stage")
+    epochs: int = setting(1, help="passes of the model-level stage over the training windows")
+    steps: int | None = setting(None, kind="int", help="optimizer steps of the model-level stage instead of "
+                                                       "--kd-epochs")
+    top_k: int = setting(64, help="the dense model's most likely next tokens kept per position as the teacher")
+    ce_weight: float = setting(0.0, help="weight of the causal-LM loss added to the KL (0: KL alone)")
+    checkpointing: bool = setting(True, help="recompute each block's activations in the backward pass (less "
+                                             "memory, about a third more time)")
+
+    def __post_init__(self) -> None:
+        if self.block not in ("ebft", "none"):
+            raise UsageError(f"--kd-block {self.block!r} is unknown; choose one of: ebft, none")
+        check_finite(self.lr, "--kd-lr", "a positive number", low=0.0, low_open=True)
+        for value, flag in ((self.epochs, "--kd-epochs"), (self.top_k, "--kd-top-k")):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UsageError(f"{flag} must be a positive whole number; got {value!r}")
+        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)
+                                       or self.steps < 1):
+            raise UsageError(f"--kd-steps must be a positive whole number; got {self.steps!r}")
+        check_finite(self.ce_weight, "--kd-ce-weight", ">= 0", low=0.0)
+        if not isinstance(self.checkpointing, bool):
+            raise UsageError(f"--kd-checkpointing is on or off; got {self.checkpointing!r}")
+
+
+@register_finetuner("kd", options=KDOptions)
+class KD(ModelFinetuner, Callback):
+    """The walk's block tuner, then end-to-end distillation from the dense model (see the module docstring)."""
+
+    changes_only_blocks = True  # the guard may judge the result block by block
+
+    def __init__(self, config: Any, seed: int = 0, **option_values: Any) -> None:
+        super().__init__(config, seed, **option_values)
+        self.teacher: Reference | None = None
+
+    def block_finetuner(self) -> BlockFinetuner | None:
+        if self.options.block == "none":
+            return None
+        from ebft.finetune.ebft import EBFT
+
+        return EBFT(self.config, seed=self.seed)
+
+    def on_walk_start(self, walk: BlockWalk) -> None:
+        """The dense model's compact next-token distribution on every calibration window (before any pruning)."""
+        start = time.perf_counter()
+        runner = BlockRunner(walk.model, walk.blocks, walk.device, walk.batch_size, block_kwargs=walk.block_kwargs)
+        self.teacher = dense_reference(runner, walk.calib_ids, self.options.top_k)
+        logger.info("kd: the dense model's top-%d next tokens on %d windows recorded in %.1f s", self.options.top_k,
+                    walk.calib_ids.shape[0], time.perf_counter() - start)
+
+    def tune_model(self, model: nn.Module, calib_ids: torch.Tensor, masks: Mapping[str, torch.Tensor],
+                   device: torch.device) -> tuple[nn.Module, ModelResult]:
+        if self.teacher is None or not torch.equal(self.teacher.ids, calib_ids.cpu()):
+            raise EbftError("kd: the teacher was not recorded on these windows before the walk")
+        opts = self.options
+        cfg = dataclasses.replace(self.config, lr=opts.lr, epochs=opts.epochs, steps=opts.steps)
+        n_train = calib_ids.shape[0] - holdout_count(calib_ids.shape[0], cfg.holdout_fraction)
+        blocks = find_blocks(model)
+        params = dict(blocks.blocks.named_parameters())
+        prefix = blocks.prefix + "."
+        param_masks = {name[len(prefix):] + ".weight": mask for name, mask in masks.items()}
+        unknown = set(param_masks) - set(params)
+        if unknown:
+            raise EbftError(f"kd: masks name layers the model does not have: {sorted(unknown)[:3]}")
+        trainable = [p for p in params.values() if p.is_floating_point()]
+        precision = resolve_precision(cfg.precision, device, block_shapes(blocks.blocks[0]),
+                                      cfg.batch_size * calib_ids.shape[1])
+        result = ModelResult("kd", "KL to the dense model",
+                             details={"trainable_parameters": sum(p.numel() for p in trainable), "top_k": opts.top_k,
+                                      "training_windows": n_train, "precision": precision})
+        start = time.perf_counter()
+        model.requires_grad_(False)
+        model.to(device)
+        device_masks = {name: mask.to(device) for name, mask in param_masks.items()}
+        train_rows, held_rows = torch.arange(n_train), torch.arange(n_train, calib_ids.shape[0])
+        result.init_loss = self._kl(model, train_rows, device, cfg.batch_size)
+        held_before = self._kl(model, held_rows, device, cfg.batch_size) if len(held_rows) else None
+        saved = {name: p.detach().clone() for name, p in params.items()} if held_before is not None else None
+
+        def step_loss(idx: torch.Tensor) -> tuple[torch.Tensor, int]:
+            rows = train_rows[idx]
+            ids = self.teacher.ids[rows].to(device)  # type: ignore[union-attr]
+            with autocast_context(device, precision):
+                logits = model(input_ids=ids, use_cache=False).logits
+            kl, ce = kl_and_ce(logits, self.teacher, rows)  # type: ignore[arg-type]
+            loss = kl.mean() + opts.ce_weight * ce.mean() if opts.ce_weight else kl.mean()
+            return loss, ids.numel()
+
+        def mask_grads() -> None:
+            for name, mask in device_masks.items():
+                if params[name].grad is not None:
+                    params[name].grad.mul_(mask)
+
+        @torch.no_grad()
+        def reapply_masks() -> None:
+            for name, mask in device_masks.items():
+                params[name].mul_(mask)
+
+        epochs = planned_steps(cfg, n_train)[2]
+        for p in trainable:
+            p.requires_grad_(True)
+        try:
+            with _training(model, opts.checkpointing):
+                train_steps(trainable, cfg, device, precision, n_train, self.seed, step_loss, result, desc="kd",
+                            on_grads=mask_grads, after_step=reapply_masks, dist=self.dist,
+                            on_epoch_end=lambda epoch, loss: _log_epoch(epoch, epochs, loss))
+        finally:
+            for p in trainable:
+                p.requires_grad_(False)
+        if result.restored is None and held_before is not None:
+            held_after = self._kl(model, held_rows, device, cfg.batch_size)
+            result.details.update(holdout_kl_before=held_before, holdout_kl_after=held_after)
+            if not held_after < held_before:
+                result.restored = f"the stage did not lower the held-out KL ({held_after:.4g} >= {held_before:.4g})"
+        if result.restored is not None and saved is not None:
+            logger.warning("kd: %s; the blocks keep the weights the walk gave them", result.restored)
+            with torch.no_grad():
+                for name, value in saved.items():
+                    params[name].copy_(value)
+        _check_masks(params, device_masks)
+        result.final_loss = self._kl(model, train_rows, device, cfg.batch_size)
+        model.to("cpu")
+        result.seconds = time.perf_counter() - start
+        logger.info("kd: KL to the dense model %.4g -> %.4g on the training windows in %.1f s", result.init_loss,
+                    result.final_loss, result.seconds)
+        if not math.isfinite(result.final_loss):
+            raise EbftError("the distilled model gives a non-finite loss; try a lower --kd-lr")
+        return model, result
+
+    @torch.no_grad()
+    def _kl(self, model: nn.Module, rows: torch.Tensor, device: torch.device, batch_size: int) -> float:
+        """Mean KL to the teacher per predicted token on the windows ``rows`` (fp32, eval mode)."""
+        total, count = 0.0, 0
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            logits = model(input_ids=self.teacher.ids[chunk].to(device), use_cache=False).logits  # type: ignore
+            kl, _ = kl_and_ce(logits, self.teacher, chunk)  # type: ignore[arg-type]
+            total, count = total + float(kl.double().sum()), count + kl.numel()
+        return total / count
+
+
+@contextlib.contextmanager
+def _training(model: nn.Module, checkpointing: bool) -> Iterator[None]:
+    """Within the block, ``model`` is in training mode, with activation checkpointing per block if asked."""
+    was_training = model.training
+    if checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
+        raise EbftError(f"{type(model).__name__} does not support activation checkpointing; use --no-kd-checkpointing")
+    # transformers 5 names them activation_checkpointing_*, earlier releases gradient_checkpointing_*
+    new_names = hasattr(model, "activation_checkpointing_enable")
+    disable = model.activation_checkpointing_disable if new_names else model.gradient_checkpointing_disable
+    if checkpointing:
+        if new_names:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train(True)
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        if checkpointing:
+            disable()
+
+
+def _log_epoch(epoch: int, epochs: int, loss: float) -> bool:
+    logger.info("kd epoch %d/%d: mean loss %.5g", epoch + 1, epochs, loss)
+    return False
+
+
+def _check_masks(params: dict[str, nn.Parameter], masks: dict[str, torch.Tensor]) -> None:
+    for name, mask in masks.items():
+        bad = int((params[name].detach()[~mask] != 0).sum())
+        if bad:
+            raise EbftError(f"kd: {bad} pruned weights of {name} are not 0.0 after the stage")
