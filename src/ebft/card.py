@@ -111,7 +111,8 @@ def model_card(report: RunReport) -> str:
         options = finetune.get("options") or {}
         if options:
             settings += ", " + ", ".join(f"{k} {v}" for k, v in options.items())
-        lines.append(f"- **Repair:** {method} ({settings}).")
+        preset = f", preset `{finetune['preset']}`" if finetune.get("preset") else ""
+        lines.append(f"- **Repair:** {method}{preset} ({settings}).")
     lines.append(f"- **Calibration data:** {calib['nsamples']} windows of {calib['seqlen']} tokens of "
                  f"`{calib['source']}` (seed {calib['seed']}).")
     if report.model_guard:

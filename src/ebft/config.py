@@ -53,6 +53,10 @@ def _names(what: str) -> list[str]:
         from ebft.finetune import FINETUNERS
 
         return sorted(FINETUNERS)
+    if what == "presets":
+        from ebft.presets import preset_names
+
+        return preset_names()
     if what == "allocations":
         from ebft.allocation import ALLOCATIONS
 
@@ -222,6 +226,9 @@ class FinetuneConfig:
     method's own ones (its registered dataclass: ``--lora-rank`` is ``LoraOptions.rank``).
     """
 
+    preset: str | None = setting(None, kind="str", choices=lambda: _names("presets"),
+                                 help="a named repair recipe that sets --finetune and its settings (flags given "
+                                      "explicitly override it): paper (EBFT as published)")
     method: str = setting("ebft", key="finetune", choices=lambda: _names("finetuners"),
                           help="repair method: none (pruning alone), a block fine-tuner (ebft: the remaining weights; "
                                "ebft-mask: the mask; dsnot: training-free mask refinement) or a whole-model one (lora: "
@@ -259,6 +266,8 @@ class FinetuneConfig:
         from ebft.finetune import FINETUNERS
 
         self.options = resolve_options(FINETUNERS, "--finetune", self.method, self.options)
+        if self.preset is not None and self.preset not in _names("presets"):
+            raise UsageError(f"--preset {self.preset!r} is unknown; choose one of: {', '.join(_names('presets'))}")
         _positive_int(self.epochs, "--epochs")
         _positive_int(self.batch_size, "--batch-size")
         check_finite(self.lr, "--lr", "a positive number", low=0.0, low_open=True)

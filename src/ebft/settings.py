@@ -271,6 +271,9 @@ def build_run_config(values: Mapping[str, Any], **fixed: Any) -> Any:
     if unknown:
         raise UsageError(f"unknown setting {unknown[0]!r}; known settings: {', '.join(settings)}")
     check_combinations({k for k, v in values.items() if v is not None}, values.get("pruner"))
+    from ebft.presets import apply_preset
+
+    values = apply_preset(values, {key: s.owner for key, s in settings.items()})
     selected = {key: values.get(key, settings[key].default) for key, _, _ in selectors()}
     tree: dict[str, Any] = {}
     for key, value in values.items():
