@@ -28,6 +28,8 @@ class BlockReport:
     holdout_epoch_losses: list[float] = field(default_factory=list)  # after each epoch, with --patience
     best_epoch: int | None = None  # with --patience: the epoch whose weights were kept (0: none beat the untuned block)
     compression: dict[str, Any] = field(default_factory=dict)  # what the compressor chose (structured: kept heads)
+    lr: float | None = None  # the learning rate the tuner chose for the block (--ebft-lr-search)
+    lr_trials: dict[str, float | None] = field(default_factory=dict)  # tried lr -> held-out loss after its trial
 
     @property
     def improved(self) -> bool:

@@ -443,6 +443,8 @@ class BlockWalk:
 
             stopper = EarlyStopping(block, measure, holdout_init, finetune.patience)
             extra["on_epoch_end"] = stopper
+        if tuner.uses_holdout and holdout_init is not None:  # type: ignore[union-attr]
+            extra["holdout"] = (hidden[n_train:], targets[n_train:])
         result = tuner.tune(block, hidden[:n_train], targets[:n_train], masks, kwargs, index,  # type: ignore[union-attr]
                             dense_weights=dense_weights, **extra)
         if stopper is not None and result.restored is None:
@@ -468,7 +470,7 @@ class BlockWalk:
             index, init_loss, final_loss, 0.0, result.train_seconds, result.steps, result.losses, result.restored,
             holdout_init_loss=holdout_init, holdout_final_loss=holdout_final,
             holdout_epoch_losses=stopper.losses if stopper is not None else [],
-            best_epoch=stopper.best_epoch if stopper is not None else None,
+            best_epoch=stopper.best_epoch if stopper is not None else None, lr=result.lr, lr_trials=result.lr_trials,
         )
         self._notify("on_tuned", index, report)
         return report

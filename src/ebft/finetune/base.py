@@ -78,6 +78,8 @@ class BlockResult:
     train_seconds: float = 0.0
     tokens: int = 0
     restored: str | None = None  # why the untuned weights were put back, if they were
+    lr: float | None = None  # the learning rate chosen for this block, when the tuner chose one
+    lr_trials: dict[str, float | None] = field(default_factory=dict)  # tried lr -> held-out loss after its trial
 
 
 class BlockFinetuner(_Method):
@@ -86,6 +88,7 @@ class BlockFinetuner(_Method):
     kind = "block"
     needs_dense_weights = False  # whether tune() wants the block's weights from before pruning
     supports_early_stopping = False  # whether tune() takes on_epoch_end (the walk's --patience)
+    uses_holdout = False  # whether tune() takes holdout (the held-out windows' inputs and targets)
     refines_masks = False  # whether tune() changes the masks (then a structured walk cannot use it)
 
     def tune(
@@ -98,9 +101,11 @@ class BlockFinetuner(_Method):
         index: int,
         dense_weights: dict[str, torch.Tensor] | None = None,  # given when needs_dense_weights
         on_epoch_end: Callable[[int], bool] | None = None,  # only when supports_early_stopping
+        holdout: tuple[torch.Tensor, torch.Tensor] | None = None,  # only when uses_holdout: inputs, targets
     ) -> BlockResult:
         """Tune ``block`` in place. ``on_epoch_end(epoch)`` (0-based) is called after every epoch;
-        when it returns True, tuning stops there (the caller may then load other weights)."""
+        when it returns True, tuning stops there (the caller may then load other weights). ``holdout``
+        (when there are held-out windows) may judge choices the tuner makes, never train it."""
         raise NotImplementedError
 
 

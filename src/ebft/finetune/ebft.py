@@ -9,7 +9,9 @@ weight is exactly 0.0 throughout.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ from torch import nn
 from ebft.errors import EbftError, UsageError
 from ebft.finetune.base import BlockFinetuner, BlockResult, register_finetuner
 from ebft.finetune.loop import block_mse_loss, planned_steps, train_steps
-from ebft.models.blocks import block_device
+from ebft.models.blocks import block_device, run_block
 from ebft.precision import block_shapes, resolve_precision
 from ebft.settings import setting
 
@@ -60,10 +62,25 @@ class EBFTOptions:
     compile: bool = setting(False, key="compile",
                             help="torch.compile each block's training step (fuses norms, activations and casts; the "
                                  "first block pays a compile of some seconds, the others reuse it)")
+    lr_search: tuple[float, ...] = setting((), kind="floats", metavar="FACTORS",
+                                           help="per block, first try --lr times each factor for "
+                                                "--ebft-lr-trial-steps steps from the untuned block and train with the "
+                                                "one whose held-out loss is lowest (e.g. 4,1,0.25,0.0625; needs "
+                                                "held-out windows; none: --lr as given)")
+    lr_trial_steps: int | None = setting(None, kind="int",
+                                         help="optimizer steps of each --ebft-lr-search trial (none: one pass over "
+                                              "the training windows)")
 
     def __post_init__(self) -> None:
         if not isinstance(self.compile, bool):
             raise UsageError(f"compile must be true or false; got {self.compile!r}")
+        self.lr_search = tuple(self.lr_search or ())
+        if not all(isinstance(f, (int, float)) and math.isfinite(f) and f > 0 for f in self.lr_search):
+            raise UsageError(f"--ebft-lr-search must be positive factors of --lr, such as 4,1,0.25; got "
+                             f"{','.join(map(str, self.lr_search))}")
+        if self.lr_trial_steps is not None and (isinstance(self.lr_trial_steps, bool)
+                                                or not isinstance(self.lr_trial_steps, int) or self.lr_trial_steps < 1):
+            raise UsageError(f"--ebft-lr-trial-steps must be a positive whole number; got {self.lr_trial_steps!r}")
 
 
 @register_finetuner("ebft", options=EBFTOptions)
@@ -71,6 +88,7 @@ class EBFT(BlockFinetuner):
     """Block-wise reconstruction fine-tuning of all of a block's parameters (config: FinetuneConfig)."""
 
     supports_early_stopping = True
+    uses_holdout = True  # for --ebft-lr-search
 
     def tune(
         self,
@@ -82,6 +100,7 @@ class EBFT(BlockFinetuner):
         index: int,
         dense_weights: dict[str, torch.Tensor] | None = None,
         on_epoch_end: Callable[[int], bool] | None = None,
+        holdout: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> BlockResult:
         cfg = self.config
         device = block_device(block)
@@ -118,14 +137,18 @@ class EBFT(BlockFinetuner):
         result = BlockResult()
         start = time.perf_counter()
         block.train(False)  # no dropout: targets were computed in eval mode
+        step_loss = block_mse_loss(block, inputs, targets, block_kwargs, device, precision)
+
+        def train(run_cfg: Any, into: Any, desc: str, on_end: Callable[[int, float], bool] | None = None) -> int:
+            return train_steps(trainable, run_cfg, device, precision, inputs.shape[0], self.seed * 1_000_003 + index,
+                               step_loss, into, desc=desc, on_grads=mask_grads, after_step=reapply_masks,
+                               on_epoch_end=on_end, dist=self.dist)
+
         try:
             with compiled_forward(block, self.options.compile):
-                result.tokens = train_steps(
-                    trainable, cfg, device, precision, inputs.shape[0], self.seed * 1_000_003 + index,
-                    block_mse_loss(block, inputs, targets, block_kwargs, device, precision), result,
-                    desc=f"block {index} ebft", on_grads=mask_grads, after_step=reapply_masks,
-                    on_epoch_end=epoch_end, dist=self.dist,
-                )
+                if self.options.lr_search and holdout is not None:
+                    cfg = self._search_lr(block, train, inputs.shape[0], holdout, block_kwargs, index, result)
+                result.tokens += train(cfg, result, f"block {index} ebft", epoch_end)
             if result.restored is not None:
                 logger.warning("block %d: %s; stopping its fine-tuning", index, result.restored)
         finally:
@@ -133,3 +156,27 @@ class EBFT(BlockFinetuner):
                 p.requires_grad_(False)
             result.train_seconds = time.perf_counter() - start
         return result
+
+    def _search_lr(self, block: nn.Module, train: Callable[..., int], nsamples: int,
+                   holdout: tuple[torch.Tensor, torch.Tensor], block_kwargs: dict[str, Any], index: int,
+                   result: BlockResult) -> Any:
+        """The training settings with the learning rate whose short trial from the untuned block gives the lowest
+        held-out loss (the first on a tie); the block is untuned again afterwards."""
+        cfg, opts = self.config, self.options
+        untuned = {k: v.detach().clone() for k, v in block.state_dict().items()}
+        steps = opts.lr_trial_steps or planned_steps(cfg, nsamples)[1]
+        best_lr, best_loss = cfg.lr, math.inf
+        for factor in opts.lr_search:
+            lr = cfg.lr * factor
+            trial = BlockResult()
+            result.tokens += train(dataclasses.replace(cfg, lr=lr, steps=steps), trial, f"block {index} lr {lr:g}")
+            loss = math.inf if trial.restored else run_block(block, holdout[0], block_kwargs, cfg.batch_size,
+                                                             targets=holdout[1])
+            result.lr_trials[f"{lr:g}"] = loss if math.isfinite(loss) else None  # None: the trial diverged
+            if loss < best_loss:
+                best_lr, best_loss = lr, loss
+            block.load_state_dict(untuned)
+        logger.info("block %d: lr %g chosen by %d trials of %d steps (held-out loss %.5g)", index, best_lr,
+                    len(opts.lr_search), steps, best_loss)
+        result.lr = best_lr
+        return dataclasses.replace(cfg, lr=best_lr)
