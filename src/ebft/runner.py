@@ -565,7 +565,7 @@ class _Run:
             model.to(self.keep_dtype)  # the blocks were kept in it already
         if isinstance(self.tuner, ModelFinetuner):
             t = time.perf_counter()
-            if self.guard is not None:
+            if self.guard is not None and not self.tuner.changes_only_blocks:
                 self.guard.before_model_stage(model)
             model, stage = self.tuner.tune_model(model, self.calib, result.masks, self.device)
             self.model = model
