@@ -101,4 +101,4 @@ def test_two_settings_may_not_share_a_key(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setitem(FINETUNERS, "clash", Other)
     with pytest.raises(ValueError, match="two settings share the key 'lr'"):
         all_settings()
-    assert [s.key for s in fields_settings(EBFTOptions, ())] == ["compile"]
+    assert [s.key for s in fields_settings(EBFTOptions, ())] == ["compile", "lr_search", "lr_trial_steps"]
