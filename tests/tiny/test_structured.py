@@ -266,7 +266,7 @@ def test_unsupported_architecture_and_mask_methods_are_refused(tiny_factory) -> 
     with pytest.raises(EbftError, match=r"--structured does not support model type 'gemma3_text'; it supports: llama"):
         prune_and_finetune(tiny_factory("gemma3_text"), _calib(), PruneConfig(structured=0.2), _none(), CPU)
     with pytest.raises(UsageError, match="--finetune dsnot refines pruning masks; with --structured use --finetune "
-                                         "ebft, lora, none"):
+                                         "ebft, kd, lora, none"):
         prune_and_finetune(tiny_factory("llama"), _calib(), PruneConfig(structured=0.2),
                                       FinetuneConfig(method="dsnot"), CPU)
     with pytest.raises(UsageError, match="does not combine with --sparsity or --nm"):
