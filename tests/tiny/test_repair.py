@@ -75,6 +75,18 @@ def test_repair_takes_the_masks_and_gives_ebfts_result(dense: Path, text_file: P
             assert report["eval"] == json.loads((reference / "report.json").read_text())["eval"]
 
 
+def test_repair_with_the_distillation_stage_is_prunes_own(dense: Path, text_file: Path, pruned_elsewhere: dict,
+                                                         tmp_path: Path) -> None:
+    kd = ("--finetune", "kd", "--kd-lr", "1e-4")
+    reference, out = tmp_path / "prune", tmp_path / "repair"
+    assert main(["prune", str(dense), "--pruner", "magnitude", *kd, *_common(text_file), "--out", str(reference)]) == 0
+    assert main(["repair", str(pruned_elsewhere["fp32"]), "--dense", str(dense), *kd, *_common(text_file),
+                 "--out", str(out)]) == 0
+    got, want = _weights(out / "model"), _weights(reference / "model")
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+    assert json.loads((out / "report.json").read_text())["model_stage"]["method"] == "kd"
+
+
 def test_repair_reads_nm_patterns(dense: Path, text_file: Path, tmp_path: Path) -> None:
     nm = tmp_path / "nm"
     assert main(["prune", str(dense), "--nm", "2:4", "--finetune", "none", *_common(text_file),
