@@ -348,6 +348,28 @@ def assert_unfinished() -> Callable[[Path, int], None]:
     return _assert_unfinished_run
 
 
+def _assert_resumes_bitwise(setup: PruneSetup, folder: Path, flags: tuple[str, ...], stop_after: int) -> tuple[Path, Path]:
+    """``setup`` with ``flags`` run whole, and again stopped after block ``stop_after`` then resumed: the same
+    ``model.safetensors``, byte for byte. Returns the two run folders (whole, resumed)."""
+    from ebft.cli import main
+
+    whole, broken = folder / "whole", folder / "broken"
+    assert main(setup.argv(whole, *flags)) == 0
+    with interrupted_after_block(stop_after):
+        assert main(setup.argv(broken, *flags)) == 130
+    _assert_unfinished_run(broken, stop_after + 1)
+    assert main(setup.argv(broken, *flags, "--resume")) == 0
+    assert (broken / "model" / "model.safetensors").read_bytes() == (whole / "model" / "model.safetensors").read_bytes()
+    return whole, broken
+
+
+@pytest.fixture(scope="session")
+def assert_resumes_bitwise() -> Callable[..., tuple[Path, Path]]:
+    """``assert_resumes_bitwise(setup, tmp_path, flags, stop_after)``: a run stopped after a block and resumed
+    gives the uninterrupted run's model, byte for byte."""
+    return _assert_resumes_bitwise
+
+
 @pytest.fixture(scope="session")
 def parallel_setup(tmp_path_factory: pytest.TempPathFactory, text_file: Path) -> PruneSetup:
     """A tiny Llama with 3 blocks; 8 windows, 1 held out: batches of 3, 3 and 1 windows, so that one of two

@@ -550,8 +550,7 @@ class _Run:
         allocated = self.allocate()
         sparsities = allocated.sparsities if allocated is not None else None
         walk = BlockWalk(model, self.calib, make_compressor(model, cfg.prune, sparsities), block_tuner, self.finetune,
-                         self.device,
-                         seed=cfg.calib.seed, callbacks=self.callbacks, dist=self.dist, offload_dir=_offload_dir(cfg),
+                         self.device, seed=cfg.calib.seed, callbacks=self.callbacks, dist=self.dist, offload_dir=_offload_dir(cfg),
                          store_dtype=self.keep_dtype)
         result = walk.run()
         report.structured = result.summary if cfg.prune.structured is not None else None

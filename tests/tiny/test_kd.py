@@ -51,14 +51,8 @@ def test_kd_that_does_not_help_held_out_gives_the_walks_weights_back(resume_setu
     assert (kd / "model" / "model.safetensors").read_bytes() == (ebft / "model" / "model.safetensors").read_bytes()
 
 
-def test_kd_resumes_bitwise(resume_setup, tmp_path: Path, interrupt_after, assert_unfinished) -> None:
-    whole, broken = tmp_path / "whole", tmp_path / "broken"
-    assert main(resume_setup.argv(whole, *KD)) == 0
-    with interrupt_after(2):
-        assert main(resume_setup.argv(broken, *KD)) == 130
-    assert_unfinished(broken, 3)
-    assert main(resume_setup.argv(broken, *KD, "--resume")) == 0
-    assert (broken / "model" / "model.safetensors").read_bytes() == (whole / "model" / "model.safetensors").read_bytes()
+def test_kd_resumes_bitwise(resume_setup, tmp_path: Path, assert_resumes_bitwise) -> None:
+    assert_resumes_bitwise(resume_setup, tmp_path, KD, stop_after=2)
 
 
 def test_kd_options_are_refused_with_other_methods(resume_setup, tmp_path: Path,

@@ -21,11 +21,5 @@ def test_each_block_reports_the_lr_it_chose(resume_setup, tmp_path: Path) -> Non
         assert block["steps"] == 2 * 7  # the training itself: 2 epochs of 14 windows, batch 2 (trials apart)
 
 
-def test_lr_search_resumes_bitwise(resume_setup, tmp_path: Path, interrupt_after, assert_unfinished) -> None:
-    whole, broken = tmp_path / "whole", tmp_path / "broken"
-    assert main(resume_setup.argv(whole, *SEARCH)) == 0
-    with interrupt_after(1):
-        assert main(resume_setup.argv(broken, *SEARCH)) == 130
-    assert_unfinished(broken, 2)
-    assert main(resume_setup.argv(broken, *SEARCH, "--resume")) == 0
-    assert (broken / "model" / "model.safetensors").read_bytes() == (whole / "model" / "model.safetensors").read_bytes()
+def test_lr_search_resumes_bitwise(resume_setup, tmp_path: Path, assert_resumes_bitwise) -> None:
+    assert_resumes_bitwise(resume_setup, tmp_path, SEARCH, stop_after=1)

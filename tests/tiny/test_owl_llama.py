@@ -66,14 +66,8 @@ def test_owl_follows_the_outlier_ratios_and_keeps_the_average(resume_setup, tmp_
     assert report["sparsity"]["overall"] == 0.5
 
 
-def test_owl_resumes_bitwise(resume_setup, tmp_path: Path, interrupt_after, assert_unfinished) -> None:
-    whole, broken = tmp_path / "whole", tmp_path / "broken"
-    assert main(resume_setup.argv(whole, *FLAGS)) == 0
-    with interrupt_after(1):
-        assert main(resume_setup.argv(broken, *FLAGS)) == 130
-    assert_unfinished(broken, 2)
-    assert main(resume_setup.argv(broken, *FLAGS, "--resume")) == 0
-    assert (broken / "model" / "model.safetensors").read_bytes() == (whole / "model" / "model.safetensors").read_bytes()
+def test_owl_resumes_bitwise(resume_setup, tmp_path: Path, assert_resumes_bitwise) -> None:
+    whole, broken = assert_resumes_bitwise(resume_setup, tmp_path, FLAGS, stop_after=1)
     first, resumed = (json.loads((p / "report.json").read_text()) for p in (whole, broken))
     assert resumed["allocation"]["sparsities"] == first["allocation"]["sparsities"]
 

@@ -155,10 +155,11 @@ class EBFTMask(MaskRefiner):
         scores = {key: init_scores(mask.to(dense[key].device), dense[key], self.options.margin).requires_grad_(True)
                   for key, mask in masks.items()}
         with masked_weights(modules, dense, scores, structures):
+            epochs = planned_steps(cfg, inputs.shape[0])[2]
             result.tokens = train_steps(
                 list(scores.values()), cfg, device, precision, inputs.shape[0], self.seed * 1_000_003 + index,
                 block_mse_loss(block, inputs, targets, block_kwargs, device, precision), result,
-                desc=f"block {index} ebft-mask", on_epoch_end=functools.partial(_log_epoch, index, planned_steps(cfg, inputs.shape[0])[2]),
+                desc=f"block {index} ebft-mask", on_epoch_end=functools.partial(_log_epoch, index, epochs),
                 dist=self.dist,
             )
         if result.restored is None and not all(bool(torch.isfinite(s).all()) for s in scores.values()):

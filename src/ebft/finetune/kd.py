@@ -38,6 +38,7 @@ from torch import nn
 from ebft.errors import EbftError, UsageError
 from ebft.finetune.base import BlockFinetuner, ModelFinetuner, ModelResult, register_finetuner
 from ebft.finetune.loop import planned_steps, train_steps
+from ebft.finetune.lora import apply_masks
 from ebft.guard import Reference, dense_reference, kl_and_ce
 from ebft.models.adapter import find_blocks
 from ebft.models.blockwise import BlockRunner
@@ -173,7 +174,7 @@ class KD(ModelFinetuner, Callback):
             with torch.no_grad():
                 for name, value in saved.items():
                     params[name].copy_(value)
-        _check_masks(params, device_masks)
+        apply_masks(model, masks, after="the distillation stage")
         result.final_loss = self._kl(model, train_rows, device, cfg.batch_size)
         model.to("cpu")
         result.seconds = time.perf_counter() - start
@@ -221,10 +222,3 @@ def _training(model: nn.Module, checkpointing: bool) -> Iterator[None]:
 def _log_epoch(epoch: int, epochs: int, loss: float) -> bool:
     logger.info("kd epoch %d/%d: mean loss %.5g", epoch + 1, epochs, loss)
     return False
-
-
-def _check_masks(params: dict[str, nn.Parameter], masks: dict[str, torch.Tensor]) -> None:
-    for name, mask in masks.items():
-        bad = int((params[name].detach()[~mask] != 0).sum())
-        if bad:
-            raise EbftError(f"kd: {bad} pruned weights of {name} are not 0.0 after the stage")

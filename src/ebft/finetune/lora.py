@@ -108,8 +108,9 @@ def causal_lm_loss(model: nn.Module, calib_ids: torch.Tensor, device: torch.devi
     return total / count
 
 
-def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
-    """Zero every pruned weight (``weight *= mask``) and check that each is exactly 0.0 afterwards."""
+def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor], after: str = "merging the LoRA adapters") -> None:
+    """Zero every pruned weight (``weight *= mask``) and check that each is exactly 0.0 afterwards (``after``:
+    what the error names as the cause)."""
     linears = find_blocks(model).all_linears()
     unknown = set(masks) - set(linears)
     if unknown:
@@ -121,7 +122,7 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
             weight.mul_(mask)
             bad = int((weight[~mask] != 0).sum())  # NaN * 0 is NaN, which this counts too
             if bad:
-                raise EbftError(f"{name}: {bad} pruned weights are not 0.0 after merging the LoRA adapters")
+                raise EbftError(f"{name}: {bad} pruned weights are not 0.0 after {after}")
 
 
 def lora_finetune(
