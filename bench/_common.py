@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ebft.memory import reset_peak_memory, status_kb
+
 log = logging.getLogger("bench")
 
 
@@ -85,30 +87,17 @@ def machine_state() -> dict[str, Any]:
 # --------------------------------------------------------------------------- memory
 
 def rss_mb() -> float:
-    return _status_kb("VmRSS") / 1024
+    return (status_kb("VmRSS") or 0) / 1024
 
 
 def peak_rss_mb() -> float:
     """VmHWM: the peak resident set of this process since start (or the last reset)."""
-    return _status_kb("VmHWM") / 1024
+    return (status_kb("VmHWM") or 0) / 1024
 
 
 def reset_peak_rss() -> bool:
     """Reset VmHWM to the current RSS (Linux: write 5 to /proc/self/clear_refs); False if not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return 0
+    return reset_peak_memory()
 
 
 # --------------------------------------------------------------------------- FLOPs

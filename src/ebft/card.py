@@ -113,8 +113,11 @@ def model_card(report: RunReport) -> str:
             settings += ", " + ", ".join(f"{k} {v}" for k, v in options.items())
         preset = f", preset `{finetune['preset']}`" if finetune.get("preset") else ""
         lines.append(f"- **Repair:** {method}{preset} ({settings}).")
+    sampled = calib.get("options") if calib["source"] == "generated" else None
+    how = (f", sampled from the dense model at temperature {sampled['temperature']:g}, top-p {sampled['top_p']:g}"
+           if sampled else "")
     lines.append(f"- **Calibration data:** {calib['nsamples']} windows of {calib['seqlen']} tokens of "
-                 f"`{calib['source']}` (seed {calib['seed']}).")
+                 f"`{calib['source']}` (seed {calib['seed']}{how}).")
     if report.model_guard:
         lines.append(f"- **Model guard:** {report.model_guard['decision']}.")
     lines += ["", "## Results", ""]

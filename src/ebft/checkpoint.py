@@ -171,6 +171,7 @@ class Checkpoint:
         self.folder = work_dir(self.out)
         self.state = state
         self._lock = lock
+        self._pending: list[dict[str, Any]] = []  # reports of saved blocks not yet committed (see save_block)
 
     @classmethod
     def open(cls, out: Path, config: dict[str, Any], calib_fingerprint: str, resume: bool) -> Checkpoint:
@@ -232,18 +233,25 @@ class Checkpoint:
     def _block_file(self, index: int) -> Path:
         return self.folder / "blocks" / f"{index:05d}.safetensors"
 
-    def save_block(self, index: int, block: nn.Module, masks: dict[str, torch.Tensor], hidden: torch.Tensor,
-                   report: dict[str, Any]) -> None:
-        """Commit block ``index``: its state and masks, the activations leaving it, its report."""
-        if index != self.done:
-            raise RuntimeError(f"checkpoint: block {index} finished but {self.done} blocks were saved")
+    def save_block(self, index: int, block: nn.Module, masks: dict[str, torch.Tensor], hidden: torch.Tensor | None,
+                   report: dict[str, Any], commit: bool = True) -> None:
+        """Save block ``index``'s state and masks; with ``commit``, also the activations leaving it, and mark it
+        and the blocks saved uncommitted before it finished (a window of blocks tuned together is resumed
+        from its first block: ``hidden`` is only meaningful at its last)."""
+        pending = self._pending
+        if index != self.done + len(pending):
+            raise RuntimeError(f"checkpoint: block {index} finished but {self.done + len(pending)} blocks were saved")
         tensors = {f"param.{k}": v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}
         tensors.update({f"mask.{k}": v.detach().to("cpu").contiguous() for k, v in masks.items()})
         atomic_write(self._block_file(index), lambda tmp: save_file(tensors, str(tmp), metadata={"block": str(index)}))
+        if not commit:
+            self._pending = [*pending, report]
+            return
+        self._pending = []
         hidden_name = f"hidden-{index:05d}.pt"
         atomic_write(self.folder / hidden_name, lambda tmp: torch.save(hidden, tmp))
         previous = self.state["hidden"]
-        self.state.update(done=index + 1, hidden=hidden_name, blocks=[*self.state["blocks"], report])
+        self.state.update(done=index + 1, hidden=hidden_name, blocks=[*self.state["blocks"], *pending, report])
         write_json(self.folder / "run.json", self.state)  # the commit point
         if previous and previous != hidden_name:
             (self.folder / previous).unlink(missing_ok=True)
@@ -322,9 +330,12 @@ class CheckpointFollower(Checkpoint):
     counts the block, and nothing of it touches the folder or its lock.
     """
 
-    def save_block(self, index: int, block: nn.Module, masks: dict[str, torch.Tensor], hidden: torch.Tensor,
-                   report: dict[str, Any]) -> None:
-        self.state.update(done=index + 1, blocks=[*self.state["blocks"], report])
+    def save_block(self, index: int, block: nn.Module, masks: dict[str, torch.Tensor], hidden: torch.Tensor | None,
+                   report: dict[str, Any], commit: bool = True) -> None:
+        pending = [*self._pending, report]
+        self._pending = [] if commit else pending
+        if commit:
+            self.state.update(done=index + 1, blocks=[*self.state["blocks"], *pending])
 
     def remember(self, key: str, value: Any) -> None:
         self.state[key] = value
@@ -389,4 +400,6 @@ class CheckpointCallback(Callback):
             return
         prefix = walk.blocks.block_name(index) + "."
         masks = {name: walk.masks[name] for name in walk.masks if name.startswith(prefix)}
-        self.checkpoint.save_block(index, walk.blocks.blocks[index], masks, walk.hidden, report.to_dict())
+        commit = index == walk.window[-1]  # a window of blocks commits at its last
+        self.checkpoint.save_block(index, walk.blocks.blocks[index], masks, walk.hidden if commit else None,
+                                   report.to_dict(), commit=commit)

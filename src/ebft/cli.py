@@ -226,7 +226,7 @@ def _pm(value: float, stderr: float | None) -> str:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from ebft.data import load_documents, parse_source
+    from ebft.data import check_evaluation_source, load_documents, parse_source
     from ebft.fsio import write_json
     from ebft.models.loading import load_config
     from ebft.runner import check_context_length, resolve_device
@@ -234,6 +234,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     sources = list(dict.fromkeys(args.data or []))
     if not sources and args.tasks is None:
         raise UsageError("give --data SOURCE (perplexity), --tasks LIST (zero-shot accuracy), or both")
+    for source in sources:
+        check_evaluation_source(source, "--data")
     cfg = None
     if sources:
         if args.seqlen < 2:

@@ -192,7 +192,7 @@ class PruneConfig:
 
 @dataclass
 class CalibConfig:
-    """Where the calibration windows come from."""
+    """Where the calibration windows come from: a text source, or the dense model itself (``generated``)."""
 
     source: str = setting("c4", key="calib", metavar="SOURCE", choices=lambda: _names("sources"),
                           help="calibration source (see Data sources in the README)")
@@ -202,11 +202,13 @@ class CalibConfig:
     windows: str = setting("stream", key="calib_windows", choices=lambda: _calib_windows(),
                            help="how windows are drawn: stream (anywhere in the documents joined by EOS) or document "
                                 "(each inside one document, the Wanda/SparseGPT protocol)")
+    options: Any = options_field()  # the source's own options (--calib generated: ebft.data.generate.GeneratedOptions)
 
     def __post_init__(self) -> None:
-        from ebft.data import parse_source
+        from ebft.data import SOURCES, parse_source
 
-        parse_source(self.source)
+        name = parse_source(self.source).name
+        self.options = resolve_options(SOURCES, "--calib", name, self.options)
         _positive_int(self.nsamples, "--nsamples")
         _positive_int(self.seqlen, "--seqlen")
         if self.seqlen < 2:
@@ -216,6 +218,16 @@ class CalibConfig:
         if self.windows not in _calib_windows():
             raise UsageError(f"--calib-windows {self.windows!r} is unknown; choose one of: "
                              f"{', '.join(_calib_windows())}")
+        if self.from_model and self.windows != "stream":
+            raise UsageError(f"--calib-windows {self.windows} cuts windows out of documents, and --calib {name} samples "
+                             "them from the model; drop --calib-windows")
+
+    @property
+    def from_model(self) -> bool:
+        """Whether the windows are sampled from the dense model (``--calib generated``) rather than read."""
+        from ebft.data import SOURCES, parse_source
+
+        return SOURCES[parse_source(self.source).name].from_model
 
 
 @dataclass
@@ -250,6 +262,9 @@ class FinetuneConfig:
     grad_clip: float = setting(1.0, training=True, help="gradient norm clip; 0 disables")
     precision: str = setting("auto", training=True, choices=lambda: PRECISIONS,
                              help="training precision (autocast over fp32 master weights)")
+    block_window: int = setting(1, training=True,
+                                help="consecutive blocks tuned together against the dense output of the last of them "
+                                     "(1: block by block, as in the paper; more: more memory, see the README)")
     holdout_fraction: float = setting(0.125, training=True,
                                       help="calibration windows held out of block tuning; a block that tuning makes "
                                            "worse on them gets its untuned weights back (0 disables)")
@@ -286,6 +301,11 @@ class FinetuneConfig:
                      low=0.0, high=1.0)
         if self.patience is not None:
             _positive_int(self.patience, "--patience")
+        _positive_int(self.block_window, "--block-window")
+        method = FINETUNERS[self.method]
+        if self.block_window > 1 and (method is None or not method.takes_windows(self.options)):
+            raise UsageError(f"--block-window {self.block_window} needs a method that tunes blocks by training "
+                             f"(--finetune ebft or kd), not {self.method}; drop it or use --block-window 1")
         if not isinstance(self.model_guard, bool):
             raise UsageError(f"--model-guard is on or off (true or false in a sweep); got {self.model_guard!r}")
 
@@ -302,11 +322,11 @@ class EvalConfig:
                                       help="evaluate only the first N windows (none: all)")
 
     def __post_init__(self) -> None:
-        from ebft.data import parse_source
+        from ebft.data import check_evaluation_source
 
         self.sources = list(self.sources)
         for source in self.sources:
-            parse_source(source)
+            check_evaluation_source(source, "--eval")
         _positive_int(self.seqlen, "--eval-seqlen")
         if self.seqlen < 2:
             raise UsageError("--eval-seqlen must be at least 2")

@@ -30,6 +30,7 @@ class BlockReport:
     compression: dict[str, Any] = field(default_factory=dict)  # what the compressor chose (structured: kept heads)
     lr: float | None = None  # the learning rate the tuner chose for the block (--ebft-lr-search)
     lr_trials: dict[str, float | None] = field(default_factory=dict)  # tried lr -> held-out loss after its trial
+    window: list[int] | None = None  # [first, last] of the blocks tuned together with it (--block-window), if any
 
     @property
     def improved(self) -> bool:

@@ -30,7 +30,8 @@ from ebft.checkpoint import (
     work_dir,
 )
 from ebft.config import PRECISIONS, FinetuneConfig, RunConfig
-from ebft.data import calibration_windows, evaluation_tokens, load_documents, parse_source
+from ebft.data import calibration_windows, evaluation_tokens, generate_windows, load_documents, parse_source
+from ebft.data.generate import CACHE_NAME, cache_settings, read_cache, write_cache
 from ebft.errors import EbftError, UsageError
 from ebft.eval import perplexity
 from ebft.export import DTYPES, write_model
@@ -70,7 +71,7 @@ class Checked:
 
     plan: str | None  # see ebft.checkpoint.plan_run; None without --out
     streamed: bool = False  # the blocks are read from the checkpoint as the walk reaches them
-    calib: torch.Tensor | None = None  # [nsamples, seqlen] calibration windows
+    calib: torch.Tensor | None = None  # [nsamples, seqlen] calibration windows; None: sampled once the model loads
     eval_windows: dict[str, torch.Tensor] = field(default_factory=dict)  # source -> [windows, seqlen]
     tokenizer: Any = None
     seconds: float = 0.0
@@ -83,7 +84,8 @@ def preflight(cfg: RunConfig, overwrite: bool = False, resume: bool = False, pro
     :func:`validate_inputs`, then (with ``windows``) the tokenizer (``tokenizer``, or the model's own,
     loaded alone) cuts the calibration windows and every evaluation source's windows: a text shorter
     than a window fails here, in seconds, not after minutes of loading. A resumed run's calibration
-    windows must be those it started with.
+    windows must be those it started with. Windows sampled from the model (``--calib generated``) are
+    read back from a resumed run's folder; otherwise they wait for the model (``Checked.calib`` None).
     """
     start = time.perf_counter()
     validated = validate_inputs(cfg, overwrite, resume, processes, read_data=not windows)
@@ -91,13 +93,35 @@ def preflight(cfg: RunConfig, overwrite: bool = False, resume: bool = False, pro
     if plan in ("finished", "publish") or not windows:
         return Checked(plan, streamed, seconds=time.perf_counter() - start)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
-    calib = calibration_windows(tokenizer, cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen, cfg.calib.seed,
-                                data_dir=cfg.data_dir, windows=cfg.calib.windows)
+    if not cfg.calib.from_model:
+        calib = calibration_windows(tokenizer, cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen, cfg.calib.seed,
+                                    data_dir=cfg.data_dir, windows=cfg.calib.windows)
+    else:
+        calib = _cached_windows(cfg) if plan == "resume" else None
     eval_windows = {source: evaluation_tokens(tokenizer, source, cfg.eval.seqlen, cfg.eval.max_windows,
                                               data_dir=cfg.data_dir) for source in cfg.eval.sources}
-    if plan == "resume":
+    if plan == "resume" and calib is not None:
         check_resumable(Path(cfg.out), fingerprint(calib))  # type: ignore[arg-type]
     return Checked(plan, streamed, calib, eval_windows, tokenizer, time.perf_counter() - start)
+
+
+def _cached_windows(cfg: RunConfig) -> torch.Tensor | None:
+    """The windows an unfinished ``--calib generated`` run sampled, from its work folder (None if it has none)."""
+    path = work_dir(Path(cfg.out)) / CACHE_NAME  # type: ignore[arg-type]
+    return read_cache(path, cache_settings(cfg.model, cfg.calib)) if path.is_file() else None
+
+
+def sample_calibration(cfg: RunConfig, model: nn.Module, tokenizer: Any, device: torch.device,
+                       dist: DistContext | None = None) -> torch.Tensor:
+    """``--calib generated``: the windows sampled from the dense ``model`` on ``device``; under torchrun every process
+    samples and takes rank 0's (the same on the CPU; a GPU may round differently)."""
+    calib = generate_windows(model, tokenizer, cfg.calib.nsamples, cfg.calib.seqlen, cfg.calib.seed,
+                             cfg.calib.options, device)
+    if dist is not None:
+        picked = calib.to(dist.device)
+        dist.broadcast_([picked])
+        calib = picked.cpu()
+    return calib
 
 
 @dataclass
@@ -139,7 +163,7 @@ def validate_inputs(cfg: RunConfig, overwrite: bool = False, resume: bool = Fals
     check_context_length(config, cfg.calib.seqlen, "--seqlen")
     if cfg.eval.sources:
         check_context_length(config, cfg.eval.seqlen, "--eval-seqlen")
-    if read_data:
+    if read_data and not cfg.calib.from_model:
         load_documents(cfg.calib.source, "calibration", cfg.data_dir)
         for source in cfg.eval.sources:
             load_documents(source, "evaluation", cfg.data_dir)
@@ -212,10 +236,13 @@ def decide_streaming(cfg: RunConfig, config: Any, skeleton: nn.Module | None) ->
         if whole_model:
             raise UsageError(f"--finetune {cfg.finetune.method} trains the whole model at once, which needs it in "
                              "memory; drop --stream or use a block-wise --finetune")
+        if cfg.calib.from_model:
+            raise UsageError(f"--calib {cfg.calib.source} samples its windows from the whole model, which needs it in "
+                             "memory; drop --stream or use a text --calib")
         if cfg.out is None:
             raise UsageError("--stream writes each finished block into the run folder; give --out")
         return True
-    if not readable or whole_model or cfg.out is None:
+    if not readable or whole_model or cfg.calib.from_model or cfg.out is None:
         return False
     size = count_parameters(config, skeleton) * _dtype_bytes(save_dtype(cfg, config))
     available = available_memory()
@@ -367,6 +394,11 @@ def run_prune(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer: tupl
         tuner.check(model)
     timings["load"] = time.perf_counter() - t0 - checked.seconds  # loading the weights alone
     calib, eval_windows = windows if windows is not None else (checked.calib, checked.eval_windows)
+    sampled = calib is None and cfg.calib.from_model  # not read back from a resumed run: sampled now, before pruning
+    if sampled:
+        t = time.perf_counter()
+        calib = sample_calibration(cfg, model, tokenizer, device, dist)
+        timings["calib_generation"] = time.perf_counter() - t
 
     report = RunReport(
         ebft_version=ebft.__version__,
@@ -414,6 +446,9 @@ def run_prune(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer: tupl
                       *([StreamBlocks(store)] if store is not None else []),  # after the checkpoint has saved a block
                       *callbacks]
     try:
+        if checkpoint is not None and sampled:  # for --resume to read back: the windows depend on the model
+            write_cache(checkpoint.folder / CACHE_NAME, calib, cache_settings(cfg.model, cfg.calib))
+            logger.info("calibration: the sampled windows are kept in %s for --resume", checkpoint.folder / CACHE_NAME)
         finetune = cfg.finetune
         if tuner is not None:
             finetune = _resolve_precision(cfg, model, device, report, checkpoint, dist, store)

@@ -3,7 +3,8 @@
 The sections of :class:`ebft.config.RunConfig` (``prune``, ``calib``, ``finetune``, ``eval`` and the
 top-level fields) declare their fields with :func:`setting`. Each pruner and fine-tuner declares the
 options only it reads as a dataclass of its own, registered with it (``@register_pruner("sparsegpt",
-options=SparseGPTOptions)``); those fields become settings owned by that method. From this one
+options=SparseGPTOptions)``); those fields become settings owned by that method. A calibration source
+can own options the same way (``generated``: ``--gen-temperature`` and the like). From this one
 schema come:
 
 - the ``ebft prune`` flags (:func:`add_flags`), with ``(default: ...)`` taken from the field;
@@ -195,13 +196,15 @@ def all_settings() -> dict[str, Setting]:
 
 
 def selectors() -> tuple[tuple[str, dict[str, Any], tuple[str, ...]], ...]:
-    """``(key, registry, options path)`` of each setting that picks a method with options of its own."""
+    """``(key, registry, options path)`` of each setting that picks a method (or a calibration source) with options
+    of its own."""
     from ebft.allocation import ALLOCATIONS
+    from ebft.data import SOURCES
     from ebft.finetune import FINETUNERS
     from ebft.pruners import PRUNERS
 
     return (("pruner", PRUNERS, ("prune", "options")), ("allocation", ALLOCATIONS, ("prune", "allocation_options")),
-            ("finetune", FINETUNERS, ("finetune", "options")))
+            ("calib", SOURCES, ("calib", "options")), ("finetune", FINETUNERS, ("finetune", "options")))
 
 
 # ----------------------------------------------------------------------------- values

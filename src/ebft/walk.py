@@ -24,6 +24,7 @@ split between them (see :mod:`ebft.distributed`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -39,7 +40,7 @@ from tqdm.auto import tqdm
 from ebft.capture import ActivationBuffers, calibration_context, capture_block_kwargs, capture_first_block_inputs
 from ebft.errors import EbftError
 from ebft.models.adapter import DecoderBlocks, find_blocks
-from ebft.models.blocks import move_non_block_modules, move_to, record_inputs, run_block
+from ebft.models.blocks import BlockChain, move_non_block_modules, move_to, record_inputs, run_block
 from ebft.results import BlockReport
 from ebft.sparsity import PackedMasks, share_counts
 
@@ -310,6 +311,7 @@ class BlockWalk:
         self.block: nn.Module | None = None
         self.kwargs: dict[str, Any] = {}
         self.current_store: torch.dtype | None = None  # the dtype the block in hand is kept in
+        self.window = range(0)  # the blocks tuned together now (--block-window; one block by default)
         self._buffers: ActivationBuffers | None = None
 
     @property
@@ -358,14 +360,18 @@ class BlockWalk:
                         *self.hidden.shape, self.hidden.numel() * self.hidden.element_size() / 2**20,
                         "in RAM" if self.offload_dir is None else f"memory-mapped in {self.offload_dir}",
                         nsamples - self.n_train)
-            for index in range(self.first, len(self.blocks)):
+            size = self.finetune.block_window if self.tuner is not None else 1
+            for first in range(self.first, len(self.blocks), size):
+                self.window = range(first, min(first + size, len(self.blocks)))
                 block_start = time.perf_counter()
-                self._notify("on_block_start", index)
-                with _seeded(self.seed, index, self.device):
-                    report = self._block(index)
-                report.seconds = time.perf_counter() - block_start
-                self.reports.append(report)
-                self._notify("on_block_end", index, report)
+                for index in self.window:
+                    self._notify("on_block_start", index)
+                with _seeded(self.seed, first, self.device):
+                    reports = [self._block(first)] if len(self.window) == 1 else self._window()
+                for index, report in zip(self.window, reports):
+                    report.seconds = (time.perf_counter() - block_start) / len(reports)
+                    self.reports.append(report)
+                    self._notify("on_block_end", index, report)
             if not torch.isfinite(self.hidden).all():
                 raise EbftError("the pruned model produces non-finite activations; try a lower --sparsity or --lr")
             self.hidden = self.targets = None
@@ -420,8 +426,54 @@ class BlockWalk:
         self.block = None
         return report
 
+    def _window(self) -> list[BlockReport]:
+        """Blocks ``self.window`` compressed one after the other and tuned together (``--block-window``):
+        the targets are the dense chain's outputs on ``self.hidden``; each block is compressed with the
+        statistics of its dense pass in that chain (for the first, the repaired stream, as block by block);
+        then the chain of compressed blocks trains towards the targets, and is kept or restored as one.
+        Returns one report per block, each with the window's losses."""
+        blocks, window = self.blocks, self.window
+        chain, kwargs, masks, stores = [], [], [], []
+        for index in window:
+            block = blocks.blocks[index].to(self.device)
+            stores.append(self.store_dtype or next(block.parameters()).dtype)
+            chain.append(block.float())
+            kwargs.append(move_to(self.block_kwargs[index], self.device))
+        for position, index in enumerate(window):
+            self.block, self.kwargs, self.current_store = chain[position], kwargs[position], stores[position]
+            with calibration_context(self.model):
+                with self.compressor.observe(chain[position], index, blocks):
+                    run_block(chain[position], self.hidden if position == 0 else self.targets, kwargs[position],
+                              self.batch_size, out=self.targets)
+            self._notify("on_targets", index)
+            with calibration_context(self.model):
+                compression = self.compressor.compress(chain[position], index, blocks)
+                round_to(chain[position], stores[position])
+            masks.append(compression)
+            self._notify("on_compressed", index)
+        whole = BlockChain(chain, kwargs)
+        window_masks = {f"{position}.{name}": mask for position, compression in enumerate(masks)
+                        for name, mask in compression.masks.items()}
+        self.block, self.kwargs = whole, {}
+        store = stores[0] if len(set(stores)) == 1 else torch.float32
+        report = self._tune(window[0], whole, {}, window_masks, None, store, notify=False)
+        reports = []
+        for position, index in enumerate(window):
+            block_report = dataclasses.replace(report, index=index, compression=masks[position].info,
+                                               window=[window[0], window[-1]])
+            self.block, self.kwargs = chain[position], kwargs[position]
+            self._notify("on_tuned", index, block_report)
+            prefix = blocks.block_name(index) + "."
+            for name, mask in masks[position].masks.items():
+                self.masks[prefix + name.removesuffix(".weight")] = mask
+            blocks.blocks[index].to("cpu", stores[position])
+            reports.append(block_report)
+        self.block = None
+        return reports
+
     def _tune(self, index: int, block: nn.Module, kwargs: dict[str, Any], masks: dict[str, torch.Tensor],
-              dense_weights: dict[str, torch.Tensor] | None, store: torch.dtype = torch.float32) -> BlockReport:
+              dense_weights: dict[str, torch.Tensor] | None, store: torch.dtype = torch.float32,
+              notify: bool = True) -> BlockReport:
         """Tune a compressed block towards its targets, keep or restore it, and propagate.
 
         The first ``n_train`` windows train it, the rest only judge it (:func:`restore_reason`). A block
@@ -472,7 +524,8 @@ class BlockWalk:
             holdout_epoch_losses=stopper.losses if stopper is not None else [],
             best_epoch=stopper.best_epoch if stopper is not None else None, lr=result.lr, lr_trials=result.lr_trials,
         )
-        self._notify("on_tuned", index, report)
+        if notify:
+            self._notify("on_tuned", index, report)
         return report
 
     def _losses(self, block: nn.Module, kwargs: dict[str, Any],

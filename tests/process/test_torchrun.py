@@ -91,3 +91,19 @@ def test_structured_runs_under_torchrun_and_with_activations_on_disk(parallel_se
     assert max(float((one[k] - both[k]).abs().max()) for k in one) < 1e-4
     r1, r2 = (json.loads((p / "report.json").read_text()) for p in (plain, two))
     assert [b["compression"] for b in r1["blocks"]] == [b["compression"] for b in r2["blocks"]]
+
+
+def test_generated_calibration_under_torchrun(parallel_setup, tmp_path: Path) -> None:
+    """--calib generated: every process samples the windows and takes rank 0's; rank 0 alone caches them."""
+    from ebft.cli import main
+
+    generated = ("--calib", "generated", "--gen-batch-size", "3")
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(parallel_setup.argv(one, *generated)) == 0
+    proc = _torchrun(parallel_setup.argv(two, *generated), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single, both = _tensors(one), _tensors(two)
+    for key in (k for k in single if k.endswith("proj.weight")):
+        assert torch.equal(single[key] == 0, both[key] == 0), key  # the same windows give the same masks
+    assert max(float((single[k] - both[k]).abs().max()) for k in single) < 1e-4
+    assert not work_dir(two).exists()

@@ -44,7 +44,7 @@ def test_parse_source(spec: str, expected: SourceSpec) -> None:
 @pytest.mark.parametrize(
     ("spec", "fragment"),
     [
-        ("x", "unknown data source 'x'; use one of: c4, pydoc, wikitext2, text:PATH, jsonl:PATH"),
+        ("x", "unknown data source 'x'; use one of: c4, generated, pydoc, wikitext2, text:PATH, jsonl:PATH"),
         ("", "empty data source"),
         ("text:", "needs a file path"),
         ("jsonl:  ", "needs a file path"),

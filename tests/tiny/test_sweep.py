@@ -186,6 +186,9 @@ def test_sweep_writes_cells_summary_and_plots(finished: Path) -> None:
         report = record["report"]
         assert report["config"]["prune"]["sparsity"] == cell.settings["sparsity"]
         assert len(report["blocks"]) == 2 and report["timings"]["prune_finetune"] > 0
+        # the cell's peak memory: at least the interpreter and torch (far above a tiny model's weights), in the table
+        assert 0.1 < record["memory"]["peak_rss_gb"] < 64
+        assert f"| {record['memory']['peak_rss_gb']:.2f} |" in summary
         if cell.settings["finetune"] == "ebft":
             assert all(len(b["epoch_losses"]) == 1 for b in report["blocks"])
             assert (out / "plots" / "cells" / f"{cell.id}.blocks.png").stat().st_size > 1000

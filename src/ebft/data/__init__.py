@@ -1,13 +1,16 @@
-"""Text data sources (``c4``, ``wikitext2``, ``pydoc``, ``text:PATH``, ``jsonl:PATH``) and token windows."""
+"""Data sources (``c4``, ``wikitext2``, ``pydoc``, ``text:PATH``, ``jsonl:PATH``, and ``generated``: sampled from
+the model) and token windows."""
 
 from __future__ import annotations
 
+from ebft.data.generate import GeneratedOptions, generate_windows  # registers the source "generated"
 from ebft.data.sources import (
     DATA_DIR_ENV,
     ROLES,
     SOURCES,
     Source,
     SourceSpec,
+    check_evaluation_source,
     load_documents,
     parse_source,
     read_jsonl,
@@ -23,12 +26,15 @@ __all__ = [
     "DATA_DIR_ENV",
     "ROLES",
     "SOURCES",
+    "GeneratedOptions",
     "Source",
     "SourceSpec",
     "calibration_stream",
     "calibration_windows",
+    "check_evaluation_source",
     "evaluation_stream",
     "evaluation_tokens",
+    "generate_windows",
     "load_documents",
     "parse_source",
     "read_jsonl",

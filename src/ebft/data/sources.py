@@ -2,7 +2,8 @@
 
 A source turns a split (and, for file sources, a path) into a list of documents. How those
 documents become tokens (joined text or an EOS-separated stream) is described by the
-:class:`Source` entry and carried out in :mod:`ebft.data.tokens`.
+:class:`Source` entry and carried out in :mod:`ebft.data.tokens`. One source has no documents:
+``generated`` (:mod:`ebft.data.generate`) samples its calibration windows from the dense model.
 """
 
 from __future__ import annotations
@@ -63,6 +64,15 @@ class Source:
     evaluation_max_documents: int | None = None
     #: Evaluation keeps at most N x seqlen tokens (C4 protocol: 256).
     evaluation_max_windows: int | None = None
+    #: True: no documents; the calibration windows are sampled from the dense model (``generated``, see
+    #: :mod:`ebft.data.generate`), so the source cannot be evaluated on.
+    from_model: bool = False
+    #: The dataclass of the options only this source reads (``--gen-temperature`` for ``generated``), or None.
+    options: type | None = None
+
+    @property
+    def Options(self) -> type | None:  # noqa: N802 - the attribute the registries of methods have (ebft.registry)
+        return self.options
 
 
 SOURCES: dict[str, Source] = {}
@@ -80,6 +90,8 @@ def register_source(
     joiner: str = "\n\n",
     evaluation_max_documents: int | None = None,
     evaluation_max_windows: int | None = None,
+    from_model: bool = False,
+    options: type | None = None,
 ) -> Callable[[Loader], Loader]:
     """Decorator that registers ``loader`` under ``name`` in :data:`SOURCES`."""
 
@@ -101,17 +113,29 @@ def register_source(
             joiner=joiner,
             evaluation_max_documents=evaluation_max_documents,
             evaluation_max_windows=evaluation_max_windows,
+            from_model=from_model,
+            options=options,
         )
         return loader
 
     return decorate
 
 
-def source_choices() -> str:
-    """The accepted source names, as shown in error messages."""
-    plain = sorted(n for n, s in SOURCES.items() if not s.takes_path)
-    with_path = [f"{n}:PATH" for n, s in SOURCES.items() if s.takes_path]
+def source_choices(role: str | None = None) -> str:
+    """The accepted source names, as shown in error messages: all of them, or those that ``role`` can use."""
+    usable = {n: s for n, s in SOURCES.items() if role != "evaluation" or not s.from_model}
+    plain = sorted(n for n, s in usable.items() if not s.takes_path)
+    with_path = [f"{n}:PATH" for n, s in usable.items() if s.takes_path]
     return ", ".join(plain + with_path)
+
+
+def check_evaluation_source(spec: str, flag: str) -> SourceSpec:
+    """:func:`parse_source`, refusing a source that has no text to evaluate on (``generated``)."""
+    parsed = parse_source(spec)
+    if SOURCES[parsed.name].from_model:
+        raise UsageError(f"{flag} {spec}: its windows are sampled from the model being pruned, as calibration data "
+                         f"only (--calib {parsed.name}); evaluate on a text source: {source_choices('evaluation')}")
+    return parsed
 
 
 def parse_source(spec: str) -> SourceSpec:

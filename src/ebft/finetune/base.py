@@ -48,9 +48,15 @@ class _Method:
 
     name = "base"
     kind = ""
+    tunes_windows = False  # whether the walk may tune several consecutive blocks at once (--block-window)
     Options: type | None = None  # set by @register_finetuner
     #: the common training settings this method reads (None: all); sweeps collapse cells over the others
     reads: frozenset[str] | None = None
+
+    @classmethod
+    def takes_windows(cls, options: Any) -> bool:
+        """Whether ``--block-window`` above 1 works with this method and its ``options``."""
+        return cls.tunes_windows
 
     def __init__(self, config: Any, seed: int = 0, **option_values: Any) -> None:
         """``config``: a FinetuneConfig (its ``options`` are this method's); ``option_values`` replace some."""

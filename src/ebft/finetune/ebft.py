@@ -74,13 +74,19 @@ class EBFTOptions:
     def __post_init__(self) -> None:
         if not isinstance(self.compile, bool):
             raise UsageError(f"compile must be true or false; got {self.compile!r}")
-        self.lr_search = tuple(self.lr_search or ())
-        if not all(isinstance(f, (int, float)) and math.isfinite(f) and f > 0 for f in self.lr_search):
-            raise UsageError(f"--ebft-lr-search must be positive factors of --lr, such as 4,1,0.25; got "
-                             f"{','.join(map(str, self.lr_search))}")
-        if self.lr_trial_steps is not None and (isinstance(self.lr_trial_steps, bool)
-                                                or not isinstance(self.lr_trial_steps, int) or self.lr_trial_steps < 1):
-            raise UsageError(f"--ebft-lr-trial-steps must be a positive whole number; got {self.lr_trial_steps!r}")
+        self.lr_search = check_lr_search(self.lr_search, self.lr_trial_steps, "--ebft-")
+
+
+def check_lr_search(factors: Any, trial_steps: Any, prefix: str) -> tuple[float, ...]:
+    """``factors`` as a tuple, once they and ``trial_steps`` are valid (flags ``{prefix}lr-search``, ...)."""
+    factors = tuple(factors or ())
+    if not all(isinstance(f, (int, float)) and math.isfinite(f) and f > 0 for f in factors):
+        raise UsageError(f"{prefix}lr-search must be positive factors of --lr, such as 4,1,0.25; got "
+                         f"{','.join(map(str, factors))}")
+    if trial_steps is not None and (isinstance(trial_steps, bool) or not isinstance(trial_steps, int)
+                                    or trial_steps < 1):
+        raise UsageError(f"{prefix}lr-trial-steps must be a positive whole number; got {trial_steps!r}")
+    return factors
 
 
 @register_finetuner("ebft", options=EBFTOptions)
@@ -89,6 +95,7 @@ class EBFT(BlockFinetuner):
 
     supports_early_stopping = True
     uses_holdout = True  # for --ebft-lr-search
+    tunes_windows = True  # the block may be a BlockChain
 
     def tune(
         self,

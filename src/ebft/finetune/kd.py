@@ -37,6 +37,7 @@ from torch import nn
 
 from ebft.errors import EbftError, UsageError
 from ebft.finetune.base import BlockFinetuner, ModelFinetuner, ModelResult, register_finetuner
+from ebft.finetune.ebft import EBFT, check_lr_search
 from ebft.finetune.loop import planned_steps, train_steps
 from ebft.finetune.lora import apply_masks
 from ebft.guard import Reference, dense_reference, kl_and_ce
@@ -56,6 +57,10 @@ class KDOptions:
     block: str = setting("ebft", choices=lambda: ("ebft", "none"),
                          help="the block fine-tuner of the walk before the stage: ebft (with the common training "
                               "settings) or none")
+    block_lr_search: tuple[float, ...] = setting((), kind="floats", metavar="FACTORS",
+                                                 help="--ebft-lr-search for the walk's ebft blocks")
+    block_lr_trial_steps: int | None = setting(None, kind="int",
+                                               help="--ebft-lr-trial-steps for the walk's ebft blocks")
     lr: float = setting(1e-5, help="peak AdamW learning rate of the model-level stage")
     epochs: int = setting(1, help="passes of the model-level stage over the training windows")
     steps: int | None = setting(None, kind="int", help="optimizer steps of the model-level stage instead of "
@@ -68,6 +73,7 @@ class KDOptions:
     def __post_init__(self) -> None:
         if self.block not in ("ebft", "none"):
             raise UsageError(f"--kd-block {self.block!r} is unknown; choose one of: ebft, none")
+        self.block_lr_search = check_lr_search(self.block_lr_search, self.block_lr_trial_steps, "--kd-block-")
         check_finite(self.lr, "--kd-lr", "a positive number", low=0.0, low_open=True)
         for value, flag in ((self.epochs, "--kd-epochs"), (self.top_k, "--kd-top-k")):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -86,6 +92,10 @@ class KD(ModelFinetuner, Callback):
 
     changes_only_blocks = True  # the guard may judge the result block by block
 
+    @classmethod
+    def takes_windows(cls, options: Any) -> bool:
+        return options.block == "ebft"  # the walk's EBFT tunes the windows
+
     def __init__(self, config: Any, seed: int = 0, **option_values: Any) -> None:
         super().__init__(config, seed, **option_values)
         self.teacher: Reference | None = None
@@ -93,9 +103,8 @@ class KD(ModelFinetuner, Callback):
     def block_finetuner(self) -> BlockFinetuner | None:
         if self.options.block == "none":
             return None
-        from ebft.finetune.ebft import EBFT
-
-        return EBFT(self.config, seed=self.seed)
+        return EBFT(self.config, seed=self.seed, lr_search=self.options.block_lr_search,
+                    lr_trial_steps=self.options.block_lr_trial_steps)
 
     def on_walk_start(self, walk: BlockWalk) -> None:
         """The dense model's compact next-token distribution on every calibration window (before any pruning)."""

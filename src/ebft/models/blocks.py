@@ -15,7 +15,7 @@ from torch import nn
 
 from ebft.models.adapter import DecoderBlocks
 
-__all__ = ["block_device", "call_block", "move_non_block_modules", "move_to", "record_inputs", "run_block"]
+__all__ = ["BlockChain", "block_device", "call_block", "move_non_block_modules", "move_to", "record_inputs", "run_block"]
 
 
 def block_device(block: nn.Module) -> torch.device:
@@ -25,6 +25,23 @@ def block_device(block: nn.Module) -> torch.device:
 def call_block(block: nn.Module, hidden: torch.Tensor, block_kwargs: dict[str, Any]) -> torch.Tensor:
     out = block(hidden, **block_kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class BlockChain(nn.Module):
+    """Consecutive decoder blocks run as one: each with its own keyword arguments (its attention mask,
+    rotary embeddings, ...), so the chain is called with the hidden states alone. Its parameters are
+    named ``"{position}.{name inside the block}"``."""
+
+    def __init__(self, blocks: list[nn.Module], block_kwargs: list[dict[str, Any]]) -> None:
+        super().__init__()
+        for position, block in enumerate(blocks):
+            self.add_module(str(position), block)
+        self.block_kwargs = block_kwargs
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        for block, kwargs in zip(self.children(), self.block_kwargs):
+            hidden = call_block(block, hidden, kwargs)
+        return hidden
 
 
 @torch.no_grad()

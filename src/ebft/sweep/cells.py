@@ -38,6 +38,10 @@ class CellRecord:
     zeroshot: dict[str, Any] | None = None
     seconds: float | None = None
     cpu_seconds: float | None = None  # unlike wall time, holds on a shared machine
+    #: the sweep process's peak memory during the cell (``peak_rss_gb``, ``peak_cuda_gb``; it includes the dense
+    #: weights the sweep keeps for its next cells), and ``rss_since_cell_start``: False where the resident set's
+    #: high-water mark could not be reset, so that its peak counts from the process's start
+    memory: dict[str, Any] | None = None
     model_dir: str | None = None  # with keep_models: the cell's saved model, relative to the sweep folder
 
     def to_dict(self) -> dict[str, Any]:

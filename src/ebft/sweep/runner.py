@@ -13,8 +13,9 @@ from typing import Any
 import torch
 
 from ebft.config import EvalConfig, RunConfig
-from ebft.data import calibration_windows, evaluation_tokens
+from ebft.data import calibration_windows, evaluation_tokens, generate_windows
 from ebft.fsio import atomic_dir
+from ebft.memory import peak_memory, reset_peak_memory
 from ebft.results import RunReport
 from ebft.runner import evaluate_all, resolve_device, run_prune
 from ebft.sweep.cells import CellRecord, Plan, _claimed, _zeroshot_backend, check_sweep, write_record
@@ -41,8 +42,14 @@ class _Resident:
         self.model.load_state_dict(self.dense_state, strict=True)
 
     def calibration(self, cfg: RunConfig) -> torch.Tensor:
-        key = (cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen, cfg.calib.seed, cfg.calib.windows)
-        if key not in self.calib:
+        """The calibration windows of ``cfg``, built once; ``--calib generated`` ones sampled from the model, which
+        holds its dense weights when this is called."""
+        options = cfg.calib.options
+        sampling = (options.temperature, options.top_p) if cfg.calib.from_model else None
+        key = (cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen, cfg.calib.seed, cfg.calib.windows, sampling)
+        if key not in self.calib and sampling is not None:
+            self.calib[key] = generate_windows(self.model, self.tokenizer, *key[1:4], options, resolve_device(cfg.device))
+        elif key not in self.calib:
             self.calib[key] = calibration_windows(self.tokenizer, *key[:4], data_dir=cfg.data_dir, windows=key[4])
         return self.calib[key]
 
@@ -191,6 +198,7 @@ def _run_dense(sweep: Sweep, resident: _Resident, backend: tuple[str, Any] | Non
 def _run_cell(sweep: Sweep, cell: Cell, resident: _Resident, backend: tuple[str, Any] | None) -> CellRecord:
     """Restore the dense weights, run the cell, evaluate it, (keep its model,) write its record."""
     start, cpu_start = time.perf_counter(), time.process_time()
+    reset = reset_peak_memory()
     resident.restore()
     cfg = cell.config
     windows = (resident.calibration(cfg), resident.evaluation(cfg.eval, cfg.data_dir))
@@ -208,6 +216,7 @@ def _run_cell(sweep: Sweep, cell: Cell, resident: _Resident, backend: tuple[str,
         record.model_dir = (Path("models") / cell.id).as_posix()
     record.seconds = time.perf_counter() - start
     record.cpu_seconds = time.process_time() - cpu_start
+    record.memory = {**peak_memory(), "rss_since_cell_start": reset}
     write_record(sweep.cell_path(cell.id), record)  # the cell counts as finished from here on
     cell_plots(sweep, cell.id, record)
     return record

@@ -183,9 +183,9 @@ def _cells_table(page: Page, sweep: Sweep, cells: list[tuple[Cell, CellRecord]])
                 links.append(f"[{kind}]({path.relative_to(sweep.out).as_posix()})")
         rows.append([f"`{cell.id}`"] + [fmt(report.eval.get(s)) for s in sweep.eval.sources] +
                     [improved, str(restored), fmt(timings.get("prune_finetune"), 0), fmt(record.seconds, 0),
-                     fmt(record.cpu_seconds, 0), " ".join(links)])
+                     fmt(record.cpu_seconds, 0), fmt((record.memory or {}).get("peak_rss_gb")), " ".join(links)])
     page.table(["cell", *sweep.eval.sources, "blocks improved", "restored", "prune+tune s", "cell s", "cell CPU s",
-                "plots"], rows)
+                "peak RSS GB", "plots"], rows)
 
 
 def _line_points(sweep: Sweep, cells: list[tuple[Cell, CellRecord]], source: str, model: str,
