@@ -240,7 +240,8 @@ class FinetuneConfig:
 
     preset: str | None = setting(None, kind="str", choices=lambda: _names("presets"),
                                  help="a named repair recipe that sets --finetune and its settings (flags given "
-                                      "explicitly override it): paper (EBFT as published)")
+                                      "explicitly override it): paper (EBFT as published), best-block (the best "
+                                      "found that holds one block at a time), best (the best found; whole model)")
     method: str = setting("ebft", key="finetune", choices=lambda: _names("finetuners"),
                           help="repair method: none (pruning alone), a block fine-tuner (ebft: the remaining weights; "
                                "ebft-mask: the mask; dsnot: training-free mask refinement) or a whole-model one (lora: "

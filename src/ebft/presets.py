@@ -8,7 +8,7 @@ calibration flags are never part of a preset, so one is used as it is at any cal
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,12 +29,35 @@ PRESETS: dict[str, Preset] = {
          "warmup": 0.0, "grad_clip": 1.0, "holdout_fraction": 0.0}),
 }
 
+#: The per-block learning-rate trial of the ``best`` presets: around 1e-3 (SmolLM2's rate) down to 4e-5 (what
+#: most of Gemma 3 270M's blocks chose), one pass over the training windows each (see BENCHMARKS).
+_LR_FACTORS = (2.0, 1.0, 0.4, 0.2, 0.04)
+_BLOCKS = {"epochs": 10, "batch_size": 4, "lr": 1e-3, "betas": (0.9, 0.95), "weight_decay": 0.0, "warmup": 0.0,
+           "grad_clip": 1.0, "holdout_fraction": 0.125}
+
+PRESETS["best-block"] = Preset(
+    "the best recipe found that holds one block at a time: EBFT with each block's learning rate chosen by trial "
+    "among 2e-3, 1e-3, 4e-4, 2e-4 and 4e-5 on the held-out windows, 10 epochs of batch 4",
+    {"finetune": "ebft", **_BLOCKS, "ebft_lr_search": _LR_FACTORS})
+PRESETS["best"] = Preset(
+    "the best recipe found: best-block's walk, then the whole model distilled from the dense model's next-token "
+    "distribution (--finetune kd, lr 1e-4, 2 epochs; needs the whole model with its gradients in memory)",
+    {"finetune": "kd", **_BLOCKS, "kd_block_lr_search": _LR_FACTORS, "kd_lr": 1e-4, "kd_epochs": 2})
+
 #: Settings that exclude each other: a preset's value is dropped when the other is given.
 _EXCLUDES = {"steps": ("epochs",), "epochs": ("steps",)}
 
 
 def preset_names() -> list[str]:
     return list(PRESETS)
+
+
+def preset_values(name: str, given: Collection[str]) -> dict[str, Any]:
+    """Preset ``name``'s settings that the ``given`` ones neither set nor exclude."""
+    if name not in PRESETS:
+        raise UsageError(f"--preset {name!r} is unknown; choose one of: {', '.join(PRESETS)}")
+    excluded = {other for key in given for other in _EXCLUDES.get(key, ())}
+    return {k: v for k, v in PRESETS[name].values.items() if k not in given and k not in excluded}
 
 
 def apply_preset(values: Mapping[str, Any], owner_of: Mapping[str, tuple[str, str] | None]) -> dict[str, Any]:
@@ -45,10 +68,6 @@ def apply_preset(values: Mapping[str, Any], owner_of: Mapping[str, tuple[str, st
     name = values.get("preset")
     if name is None:
         return dict(values)
-    if name not in PRESETS:
-        raise UsageError(f"--preset {name!r} is unknown; choose one of: {', '.join(PRESETS)}")
-    excluded = {other for key in values for other in _EXCLUDES.get(key, ())}
-    filled = {k: v for k, v in PRESETS[name].values.items() if k not in values and k not in excluded}
-    merged = {**filled, **values}
+    merged = {**preset_values(name, values), **values}
     return {k: v for k, v in merged.items()
             if k in values or owner_of.get(k) is None or merged.get(owner_of[k][0]) == owner_of[k][1]}

@@ -31,5 +31,35 @@ def test_given_flags_override_the_preset() -> None:
 
 
 def test_an_unknown_preset_is_refused() -> None:
-    with pytest.raises(UsageError, match="--preset 'best9' is unknown; choose one of: paper"):
+    with pytest.raises(UsageError, match="--preset 'best9' is unknown; choose one of: paper, best-block, best"):
         build_run_config({"preset": "best9"}, model="m")
+
+
+def test_a_sweep_cell_takes_its_preset_where_neither_fixed_nor_its_grid_sets_a_value(tmp_path) -> None:
+    from ebft.sweep.schema import load_sweep
+
+    config = tmp_path / "sweep.yaml"
+    config.write_text("grid:\n  - finetune: [lora]\n    lr: [2.0e-3]\n  - preset: [paper]\n  - preset: [paper]\n"
+                      "    lr: [1.0e-3]\nfixed:\n  model: m\n  batch_size: 4\n  eval: [wikitext2]\n")
+    cells = {(c.settings["finetune"], c.settings.get("preset"), c.config.finetune.lr): c.config.finetune
+             for c in load_sweep(config).cells}
+    assert set(cells) == {("lora", None, 2e-3), ("ebft", "paper", 2e-4), ("ebft", "paper", 1e-3)}
+    paper = cells[("ebft", "paper", 2e-4)]
+    # the preset's holdout_fraction (0), not the default the other grids' union would give; fixed overrides it
+    assert (paper.holdout_fraction, paper.batch_size, paper.betas) == (0.0, 4, (0.9, 0.95))
+    assert cells[("lora", None, 2e-3)].holdout_fraction == 0.125
+
+
+def test_best_block_is_ebft_with_the_lr_chosen_per_block_and_best_adds_the_distillation_stage() -> None:
+    block = build_run_config({"preset": "best-block"}, model="m").finetune
+    assert (block.method, block.lr, block.batch_size, block.epochs, block.holdout_fraction) == ("ebft", 1e-3, 4, 10,
+                                                                                                 0.125)
+    assert block.options.lr_search == (2.0, 1.0, 0.4, 0.2, 0.04)  # needs the held-out windows it keeps
+    best = build_run_config({"preset": "best"}, model="m").finetune
+    assert (best.method, best.options.block, best.options.block_lr_search) == ("kd", "ebft", block.options.lr_search)
+    assert (best.options.lr, best.options.epochs) == (1e-4, 2)
+    assert {k: getattr(best, k) for k in ("lr", "batch_size", "epochs", "holdout_fraction")} == \
+        {k: getattr(block, k) for k in ("lr", "batch_size", "epochs", "holdout_fraction")}
+    # another method given beside it keeps the preset's common settings and drops the options of kd
+    other = build_run_config({"preset": "best", "finetune": "ebft"}, model="m").finetune
+    assert (other.method, other.lr, other.options.lr_search) == ("ebft", 1e-3, ())

@@ -21,6 +21,7 @@ from typing import Any
 from ebft.config import EvalConfig, RunConfig, parse_nm
 from ebft.errors import UsageError
 from ebft.finetune import reads
+from ebft.presets import preset_values
 from ebft.settings import Setting, all_settings, build_run_config, coerce, fields_settings, plain, setting
 
 TOP_KEYS = ("grid", "fixed", "out")
@@ -380,6 +381,9 @@ def load_sweep(path: Path, out: Path | None = None, keep_models: bool | None = N
             settings = {**{k: v for k, v in fixed.items() if k in keys}, **dict(zip(axes, combo))}
             for key in union:  # an axis of another grid only: this grid's cells take the fixed value or default
                 settings.setdefault(key, plain(keys[key].default))
+            if settings.get("preset") is not None:  # the preset's values, where neither fixed nor this grid sets them
+                given = {*fixed_in, *axes}
+                settings.update({k: plain(v) for k, v in preset_values(settings["preset"], given).items()})
             settings = read_settings(settings, keys)  # what the cell does not read changes nothing: cells collapse
             ident = cell_id(settings, union)
             if ident in seen:
