@@ -433,7 +433,7 @@ class BlockWalk:
         then the chain of compressed blocks trains towards the targets, and is kept or restored as one.
         Returns one report per block, each with the window's losses."""
         blocks, window = self.blocks, self.window
-        chain, kwargs, masks, stores = [], [], [], []
+        chain, kwargs, compressions, stores = [], [], [], []
         for index in window:
             block = blocks.blocks[index].to(self.device)
             stores.append(self.store_dtype or next(block.parameters()).dtype)
@@ -449,22 +449,22 @@ class BlockWalk:
             with calibration_context(self.model):
                 compression = self.compressor.compress(chain[position], index, blocks)
                 round_to(chain[position], stores[position])
-            masks.append(compression)
+            compressions.append(compression)
             self._notify("on_compressed", index)
         whole = BlockChain(chain, kwargs)
-        window_masks = {f"{position}.{name}": mask for position, compression in enumerate(masks)
+        window_masks = {f"{position}.{name}": mask for position, compression in enumerate(compressions)
                         for name, mask in compression.masks.items()}
         self.block, self.kwargs = whole, {}
         store = stores[0] if len(set(stores)) == 1 else torch.float32
         report = self._tune(window[0], whole, {}, window_masks, None, store, notify=False)
         reports = []
         for position, index in enumerate(window):
-            block_report = dataclasses.replace(report, index=index, compression=masks[position].info,
+            block_report = dataclasses.replace(report, index=index, compression=compressions[position].info,
                                                window=[window[0], window[-1]])
             self.block, self.kwargs = chain[position], kwargs[position]
             self._notify("on_tuned", index, block_report)
             prefix = blocks.block_name(index) + "."
-            for name, mask in masks[position].masks.items():
+            for name, mask in compressions[position].masks.items():
                 self.masks[prefix + name.removesuffix(".weight")] = mask
             blocks.blocks[index].to("cpu", stores[position])
             reports.append(block_report)
