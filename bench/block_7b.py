@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps before them (default 1)")
     p.add_argument("--seqlen", type=int, default=256, help="tokens per window (default 256)")
     p.add_argument("--batch-size", type=int, default=1, help="windows per step (default 1)")
-    p.add_argument("--precision", default="auto", help="auto, fp32 or bf16 (default auto: bf16 where native)")
+    p.add_argument("--precision", default="auto", help="auto, fp32 or bf16 (default auto: the faster on the block's GEMMs, as ebft prune)")
     p.add_argument("--act-seqlen", type=int, default=1024,
                    help="also measure saved activations for one window of this many tokens (default 1024; 0 skips)")
     p.add_argument("--ratio-from", type=Path, default=None,
@@ -126,12 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     from ebft.capture import capture_block_kwargs, capture_first_block_inputs
     from ebft.config import FinetuneConfig, PruneConfig
     from ebft.models import find_blocks
-    from ebft.precision import resolve_precision
+    from ebft.precision import block_shapes, resolve_precision
     from ebft.walk import prune_and_finetune
 
     rss_baseline = C.rss_mb()
     device = torch.device("cpu")
-    precision = resolve_precision(args.precision, device)
     bs, seqlen = args.batch_size, args.seqlen
 
     # ------------------------------------------------------------------ the 7B-shaped block
@@ -147,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     block = blocks.blocks[0]
     shapes = C.block_linear_shapes(block)
     p_lin = C.block_linear_params(shapes)
+    precision = resolve_precision(args.precision, device, block_shapes(block), bs * seqlen)  # as the walk resolves auto
     p_block = sum(p.numel() for p in block.parameters())
     attn_width = C.attention_width(config)
     log.info("built a 7B-shaped block: %.1fM linear weights (%.2f GiB fp32) in %.1f s", p_lin / 1e6, p_block * 4 / GiB,

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     from ebft.finetune.ebft import EBFT
     from ebft.models import find_blocks, load_model
     from ebft.models.blocks import run_block
-    from ebft.precision import resolve_precision
+    from ebft.precision import block_shapes, describe_precision
     from ebft.walk import make_compressor
 
     t0 = time.perf_counter()
@@ -167,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     index = args.block
     bs, seqlen = args.batch_size, args.seqlen
     device = torch.device("cpu")
-    precision = resolve_precision(args.precision, device)
+    # auto as the walk resolves it: measured on this block's GEMM shapes at one training batch
+    precision_choice = describe_precision(args.precision, device, block_shapes(blocks.blocks[index]), bs * seqlen)
+    precision = precision_choice.precision
 
     # real inputs of block `index`: the calibration windows through the dense blocks before it
     calib = calibration_windows(tokenizer, args.calib, bs, seqlen, seed=0)
@@ -256,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         "seqlen": seqlen,
         "tokens_per_step": tokens_per_step,
         "precision": precision,
+        "precision_choice": precision_choice.to_dict(),
         "compile": args.compile,
         "adamw": args.adamw,
         "warmup_step_s": [C.r(s, 3) for s in timing["step_s"][: args.warmup]],
