@@ -138,6 +138,7 @@ class MaskCompressor(Compressor):
             if self.sparsities is not None:
                 self.pruner.sparsity = self._layer_sparsity(name[len(prefix):], linear, index)
             masks[name[len(prefix):] + ".weight"] = self.pruner.prune(name, linear.weight.data)
+        self.pruner.finish_block(prefix, block)
         self.pruner.reset()
         return Compression(masks)
 

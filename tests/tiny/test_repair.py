@@ -87,6 +87,34 @@ def test_repair_with_the_distillation_stage_is_prunes_own(dense: Path, text_file
     assert json.loads((out / "report.json").read_text())["model_stage"]["method"] == "kd"
 
 
+def test_repair_starts_from_the_pruned_models_own_block_parameters(dense: Path, text_file: Path,
+                                                                   pruned_elsewhere: dict, tmp_path: Path) -> None:
+    """A pruned model whose norms were tuned after pruning (an earlier ebft run does that) keeps them: the walk
+    starts from every block parameter of the pruned model, not from the dense norms."""
+    loaded = load_model(str(pruned_elsewhere["fp32"]))
+    with torch.no_grad():
+        for i, layer in enumerate(loaded.model.model.layers):
+            layer.input_layernorm.weight.mul_(1.5 + i)
+            layer.post_attention_layernorm.weight.add_(0.25)
+    tuned = tmp_path / "tuned-norms"
+    write_model(tuned, loaded.model, loaded.tokenizer)
+    out = tmp_path / "repair-none"
+    assert main(["repair", str(tuned), "--dense", str(dense), "--finetune", "none", *_common(text_file),
+                 "--out", str(out)]) == 0
+    got, given, dense_weights = _weights(out / "model"), _weights(tuned), _weights(dense)
+    blocks = [n for n in given if n.startswith("model.layers.")]
+    assert any(n.endswith("layernorm.weight") and not torch.equal(given[n], dense_weights[n]) for n in blocks)
+    for name in blocks:  # nothing to tune: the blocks come back exactly as given
+        assert torch.equal(got[name], given[name]), name
+    norms = tmp_path / "repair-ebft"  # and the tuning starts there: its untuned loss is the given model's
+    assert main(["repair", str(tuned), "--dense", str(dense), *_common(text_file), "--out", str(norms)]) == 0
+    reference = tmp_path / "repair-plain"  # the same masks and linear weights, the dense norms
+    assert main(["repair", str(pruned_elsewhere["fp32"]), "--dense", str(dense), *_common(text_file),
+                 "--out", str(reference)]) == 0
+    first = [json.loads((run / "report.json").read_text())["blocks"][0] for run in (norms, reference)]
+    assert first[0]["init_loss"] != first[1]["init_loss"]
+
+
 def test_repair_reads_nm_patterns(dense: Path, text_file: Path, tmp_path: Path) -> None:
     nm = tmp_path / "nm"
     assert main(["prune", str(dense), "--nm", "2:4", "--finetune", "none", *_common(text_file),

@@ -75,6 +75,10 @@ class Pruner:
         weight.mul_(mask)
         return mask
 
+    def finish_block(self, prefix: str, block: Any) -> None:
+        """Called once a block's linear layers are pruned (``prefix``: the block's module name and a dot);
+        a pruner that sets more of the block than its linear weights does it here."""
+
     def reset(self) -> None:
         """Drop collected statistics (called after each block)."""
 

@@ -3,7 +3,9 @@
 ``--pruner given --given-model SPARSE`` (what ``ebft repair SPARSE --dense DENSE`` runs) walks the dense
 model as any run does, so every block's targets are the dense block's outputs, and compresses each
 layer to the pruned model's own weights: the mask is where they are not exactly 0.0 and the kept
-weights are the pruned model's values (SparseGPT, say, changed them). The mask's pattern (N:M,
+weights are the pruned model's values (SparseGPT, say, changed them). The block's other parameters
+(norm weights, biases) are the pruned model's too, so a model whose norms were tuned after pruning (an
+earlier ebft run, say) is repaired from where it stands, not from the dense norms. The mask's pattern (N:M,
 the same count in every row, or a layer-wide count) is read from the masks and reported.
 """
 
@@ -72,3 +74,21 @@ class GivenPruner(Pruner):
 
     def mask(self, name: str, weight: Tensor) -> Tensor:
         return self.prune(name, weight.detach().clone())
+
+    def finish_block(self, prefix: str, block: Any) -> None:
+        """The block's parameters other than its linear weights (norms, biases) from the pruned model."""
+        linear_weights = {f"{name}.weight" for name, module in block.named_modules()
+                          if isinstance(module, torch.nn.Linear)}
+        for local, param in block.named_parameters():
+            if local in linear_weights:
+                continue
+            key = prefix + local
+            if key not in self.files:
+                raise EbftError(f"the pruned model {self.options.model} has no {key}; it does not match the dense "
+                                "model")
+            given = self.files.get(key)
+            if given.shape != param.shape:
+                raise EbftError(f"{key} is {tuple(given.shape)} in the pruned model but {tuple(param.shape)} in the "
+                                "dense one; they are not the same architecture")
+            with torch.no_grad():
+                param.copy_(given.to(device=param.device, dtype=param.dtype))
