@@ -60,14 +60,19 @@ class GivenPruner(Pruner):
 
         self.files = CheckpointFiles(Path(self.options.model))
 
-    def prune(self, name: str, weight: Tensor) -> Tensor:
-        key = name + ".weight"
+    def _given(self, key: str, like: Tensor) -> Tensor:
+        """The pruned model's tensor ``key``, on ``like``'s device and in its dtype; refused if absent or shaped
+        otherwise."""
         if key not in self.files:
             raise EbftError(f"the pruned model {self.options.model} has no {key}; it does not match the dense model")
-        given = self.files.get(key).to(device=weight.device, dtype=weight.dtype)
-        if given.shape != weight.shape:
-            raise EbftError(f"{key} is {tuple(given.shape)} in the pruned model but {tuple(weight.shape)} in the dense "
+        given = self.files.get(key)
+        if given.shape != like.shape:
+            raise EbftError(f"{key} is {tuple(given.shape)} in the pruned model but {tuple(like.shape)} in the dense "
                             "one; they are not the same architecture")
+        return given.to(device=like.device, dtype=like.dtype)
+
+    def prune(self, name: str, weight: Tensor) -> Tensor:
+        given = self._given(name + ".weight", weight)
         with torch.no_grad():
             weight.copy_(given)
         return given != 0
@@ -79,16 +84,7 @@ class GivenPruner(Pruner):
         """The block's parameters other than its linear weights (norms, biases) from the pruned model."""
         linear_weights = {f"{name}.weight" for name, module in block.named_modules()
                           if isinstance(module, torch.nn.Linear)}
-        for local, param in block.named_parameters():
-            if local in linear_weights:
-                continue
-            key = prefix + local
-            if key not in self.files:
-                raise EbftError(f"the pruned model {self.options.model} has no {key}; it does not match the dense "
-                                "model")
-            given = self.files.get(key)
-            if given.shape != param.shape:
-                raise EbftError(f"{key} is {tuple(given.shape)} in the pruned model but {tuple(param.shape)} in the "
-                                "dense one; they are not the same architecture")
-            with torch.no_grad():
-                param.copy_(given.to(device=param.device, dtype=param.dtype))
+        with torch.no_grad():
+            for local, param in block.named_parameters():
+                if local not in linear_weights:
+                    param.copy_(self._given(prefix + local, param))
