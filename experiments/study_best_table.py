@@ -17,6 +17,8 @@ import math
 import sys
 from pathlib import Path
 
+from study_tables import label, table
+
 from ebft.sweep import load_sweep, read_cell
 
 SOURCES = ("wikitext2:test", "wikitext2:validation", "c4")
@@ -49,17 +51,16 @@ def main(argv: list[str] | None = None) -> int:
             s = cell.settings
             cells[(s["pruner"], str(s["sparsity"]), method(s))] = record
     header = ["pruner", "sparsity", "method", *SOURCES, *(f"gap {s}" for s in SOURCES), "wall s", "CPU s", "peak GB"]
-    print("| " + " | ".join(header) + " |")
-    print("| " + " | ".join("---" for _ in header) + " |")
+    rows = []
     for (pruner, sparsity, name), record in sorted(cells.items()):
         pruned = cells.get((pruner, sparsity, "none"))
         ppl = [record.report.eval[s] for s in SOURCES]
         gaps = ["—" if pruned is None or name == "none" else
                 f"{gap_closed(pruned.report.eval[s], v, dense.report.eval[s]):.1%}" for s, v in zip(SOURCES, ppl)]
         memory = (record.memory or {}).get("peak_rss_gb")
-        print("| " + " | ".join([pruner, sparsity, name, *(f"{v:,.2f}" for v in ppl), *gaps,
-                                 f"{record.seconds:,.0f}", f"{record.cpu_seconds:,.0f}",
-                                 "—" if memory is None else f"{memory:.2f}"]) + " |")
+        rows.append([pruner, label(record.settings["sparsity"]), name, *(f"{v:,.2f}" for v in ppl), *gaps,
+                     f"{record.seconds:,.0f}", f"{record.cpu_seconds:,.0f}", "—" if memory is None else f"{memory:.2f}"])
+    print(table(header, rows))
     print("\ndense: " + " / ".join(f"{dense.report.eval[s]:.2f}" for s in SOURCES) + f" ({', '.join(SOURCES)})")
     return 0
 
