@@ -2,18 +2,21 @@
 
     python experiments/study_best_table.py                              # runs/study_best_rows
     python experiments/study_best_table.py --config study_best.yaml     # the whole study, once it has run
+    python experiments/study_best_table.py --config study_best_seeds.yaml
 
 One line per (pruner, sparsity, method) cell: perplexity on WikiText-2 test, WikiText-2 validation and the
 C4 validation sample, the share of the pruning gap closed in cross-entropy on each,
 ln(ppl_pruned / ppl_repaired) / ln(ppl_pruned / ppl_dense), against the same sweep's pruning-alone cell of
-that row, and the cell's wall seconds, CPU seconds and peak memory. A gap needs the row's pruning-alone
-cell: without it the column shows a dash.
+that row and seed, and the cell's wall seconds, CPU seconds and peak memory. A gap needs the row's
+pruning-alone cell under the same seed: without it the column shows a dash. Where a method finished under
+two seeds or more, a second table gives its mean, spread and mean gap over them.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -28,6 +31,27 @@ EXPERIMENTS = Path(__file__).resolve().parent
 def gap_closed(pruned: float, repaired: float, dense: float) -> float:
     """Share of the pruning gap closed in cross-entropy (1.0: back to dense, 0.0: as pruned)."""
     return math.log(pruned / repaired) / math.log(pruned / dense)
+
+
+def spread_rows(cells: dict, dense: float) -> list[list[str]]:
+    """Mean, sample standard deviation and range on the first source of each (pruner, sparsity, method)
+    that finished under two seeds or more, and its mean gap closed against the same seed's pruning alone."""
+    groups: dict[tuple, list] = {}
+    for (pruner, sparsity, name, seed), record in sorted(cells.items()):
+        groups.setdefault((pruner, sparsity, name), []).append((seed, record))
+    rows = []
+    for (pruner, sparsity, name), members in groups.items():
+        if len(members) < 2:
+            continue
+        values = [record.report.eval[SOURCES[0]] for _, record in members]
+        gaps = [gap_closed(pruned.report.eval[SOURCES[0]], value, dense)
+                for (seed, _), value in zip(members, values)
+                if name != "none" and (pruned := cells.get((pruner, sparsity, "none", seed))) is not None]
+        rows.append([pruner, label(members[0][1].settings["sparsity"]), name,
+                     ", ".join(str(seed) for seed, _ in members), f"{statistics.fmean(values):,.2f}",
+                     f"{statistics.stdev(values):,.2f}", f"{min(values):,.2f}", f"{max(values):,.2f}",
+                     f"{statistics.fmean(gaps):.1%}" if len(gaps) == len(members) else "—"])
+    return rows
 
 
 def method(settings: dict) -> str:
@@ -49,18 +73,24 @@ def main(argv: list[str] | None = None) -> int:
         record = read_cell(sweep.cell_path(cell.id))
         if record is not None:
             s = cell.settings
-            cells[(s["pruner"], str(s["sparsity"]), method(s))] = record
-    header = ["pruner", "sparsity", "method", *SOURCES, *(f"gap {s}" for s in SOURCES), "wall s", "CPU s", "peak GB"]
+            cells[(s["pruner"], str(s["sparsity"]), method(s), s["seed"])] = record
+    header = ["pruner", "sparsity", "method", "seed", *SOURCES, *(f"gap {s}" for s in SOURCES), "wall s", "CPU s",
+              "peak GB"]
     rows = []
-    for (pruner, sparsity, name), record in sorted(cells.items()):
-        pruned = cells.get((pruner, sparsity, "none"))
+    for (pruner, sparsity, name, seed), record in sorted(cells.items()):
+        pruned = cells.get((pruner, sparsity, "none", seed))
         ppl = [record.report.eval[s] for s in SOURCES]
         gaps = ["—" if pruned is None or name == "none" else
                 f"{gap_closed(pruned.report.eval[s], v, dense.report.eval[s]):.1%}" for s, v in zip(SOURCES, ppl)]
         memory = (record.memory or {}).get("peak_rss_gb")
-        rows.append([pruner, label(record.settings["sparsity"]), name, *(f"{v:,.2f}" for v in ppl), *gaps,
-                     f"{record.seconds:,.0f}", f"{record.cpu_seconds:,.0f}", "—" if memory is None else f"{memory:.2f}"])
+        rows.append([pruner, label(record.settings["sparsity"]), name, str(seed), *(f"{v:,.2f}" for v in ppl),
+                     *gaps, f"{record.seconds:,.0f}", f"{record.cpu_seconds:,.0f}",
+                     "—" if memory is None else f"{memory:.2f}"])
     print(table(header, rows))
+    spread = spread_rows(cells, dense.report.eval[SOURCES[0]])
+    if spread:
+        print(f"\nover the seeds, on {SOURCES[0]} (sample standard deviation):\n")
+        print(table(["pruner", "sparsity", "method", "seeds", "mean", "std", "min", "max", "mean gap"], spread))
     print("\ndense: " + " / ".join(f"{dense.report.eval[s]:.2f}" for s in SOURCES) + f" ({', '.join(SOURCES)})")
     return 0
 
