@@ -9,6 +9,7 @@ survives a crash; ``DIR`` itself appears only at the end, complete (``model/`` +
                                 resumes (``done`` at each resume)
       blocks/00003.safetensors  block 3's tuned state ("param.<name>") and masks ("mask.<module>")
       hidden-00003.pt           activations leaving block 3 = entering block 4, [nsamples, seqlen, hidden] fp32
+      dense-00003.pt            the dense model's own activations there (only with --block-targets dense)
       final/                    model/ + report.json, staged; renamed to DIR as the very last step
       lock                      flock held by the process working in the folder
 
@@ -234,10 +235,11 @@ class Checkpoint:
         return self.folder / "blocks" / f"{index:05d}.safetensors"
 
     def save_block(self, index: int, block: nn.Module, masks: dict[str, torch.Tensor], hidden: torch.Tensor | None,
-                   report: dict[str, Any], commit: bool = True) -> None:
-        """Save block ``index``'s state and masks; with ``commit``, also the activations leaving it, and mark it
-        and the blocks saved uncommitted before it finished (a window of blocks tuned together is resumed
-        from its first block: ``hidden`` is only meaningful at its last)."""
+                   report: dict[str, Any], commit: bool = True, dense: torch.Tensor | None = None) -> None:
+        """Save block ``index``'s state and masks; with ``commit``, also the activations leaving it (and the dense
+        model's own, ``dense``, under ``--block-targets dense``), and mark it and the blocks saved uncommitted
+        before it finished (a window of blocks tuned together is resumed from its first block: ``hidden`` is
+        only meaningful at its last)."""
         pending = self._pending
         if index != self.done + len(pending):
             raise RuntimeError(f"checkpoint: block {index} finished but {self.done + len(pending)} blocks were saved")
@@ -250,11 +252,17 @@ class Checkpoint:
         self._pending = []
         hidden_name = f"hidden-{index:05d}.pt"
         atomic_write(self.folder / hidden_name, lambda tmp: torch.save(hidden, tmp))
-        previous = self.state["hidden"]
-        self.state.update(done=index + 1, hidden=hidden_name, blocks=[*self.state["blocks"], *pending, report])
+        dense_name = None
+        if dense is not None:
+            dense_name = f"dense-{index:05d}.pt"
+            atomic_write(self.folder / dense_name, lambda tmp: torch.save(dense, tmp))
+        previous = [self.state["hidden"], self.state.get("dense")]
+        self.state.update(done=index + 1, hidden=hidden_name, dense=dense_name,
+                          blocks=[*self.state["blocks"], *pending, report])
         write_json(self.folder / "run.json", self.state)  # the commit point
-        if previous and previous != hidden_name:
-            (self.folder / previous).unlink(missing_ok=True)
+        for name in previous:
+            if name and name not in (hidden_name, dense_name):
+                (self.folder / name).unlink(missing_ok=True)
 
     def block_state(self, index: int) -> dict[str, torch.Tensor]:
         """Finished block ``index``'s saved parameters, by name inside the block."""
@@ -294,6 +302,11 @@ class Checkpoint:
                             f"expected {tuple(like.shape)}; pass --overwrite to start over")
         return hidden
 
+    def load_dense(self) -> torch.Tensor | None:
+        """The dense model's own activations entering block ``done`` (``--block-targets dense``), else None."""
+        name = self.state.get("dense")
+        return None if name is None else torch.load(self.folder / name, map_location="cpu", weights_only=True)
+
     def stage_model(self, write: Callable[[Path], Any]) -> Any:
         """``write(folder)`` the finished model into ``final/model`` (replacing a half-staged one), fsync it;
         returns what ``write`` returned."""
@@ -331,7 +344,7 @@ class CheckpointFollower(Checkpoint):
     """
 
     def save_block(self, index: int, block: nn.Module, masks: dict[str, torch.Tensor], hidden: torch.Tensor | None,
-                   report: dict[str, Any], commit: bool = True) -> None:
+                   report: dict[str, Any], commit: bool = True, dense: torch.Tensor | None = None) -> None:
         pending = [*self._pending, report]
         self._pending = [] if commit else pending
         if commit:
@@ -393,7 +406,8 @@ class CheckpointCallback(Callback):
             walk.compressor.reshape(blocks.blocks[index], index)
         self.checkpoint.load_blocks(list(blocks.blocks), [blocks.block_name(i) + "." for i in range(done)], walk.masks,
                                     weights=self.load_weights)
-        walk.resume(done, [BlockReport.from_dict(r) for r in self.checkpoint.reports], self.checkpoint.load_hidden())
+        walk.resume(done, [BlockReport.from_dict(r) for r in self.checkpoint.reports], self.checkpoint.load_hidden(),
+                    self.checkpoint.load_dense())
 
     def on_block_end(self, walk: BlockWalk, index: int, report: BlockReport) -> None:
         if not walk.is_main:
@@ -402,4 +416,4 @@ class CheckpointCallback(Callback):
         masks = {name: walk.masks[name] for name in walk.masks if name.startswith(prefix)}
         commit = index == walk.window[-1]  # a window of blocks commits at its last
         self.checkpoint.save_block(index, walk.blocks.blocks[index], masks, walk.hidden if commit else None,
-                                   report.to_dict(), commit=commit)
+                                   report.to_dict(), commit=commit, dense=walk.dense if commit else None)

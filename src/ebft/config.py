@@ -21,6 +21,8 @@ from ebft.registry import resolve_options
 from ebft.settings import check_finite, options_field, section, setting
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: ``--block-targets``: what each block trains towards (see :class:`ebft.walk.BlockWalk`)
+BLOCK_TARGETS = ("repaired", "dense")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 #: Where the calibration activations live: RAM (none and cpu alike) or memory-mapped files (disk).
 OFFLOADS = ("none", "cpu", "disk")
@@ -266,6 +268,11 @@ class FinetuneConfig:
     block_window: int = setting(1, training=True,
                                 help="consecutive blocks tuned together against the dense output of the last of them "
                                      "(1: block by block, as in the paper; more: more memory, see the README)")
+    block_targets: str = setting("repaired", training=True, choices=lambda: BLOCK_TARGETS,
+                                 help="what each block is trained towards: repaired (the dense block's output on the "
+                                      "repaired model's activations, as in the paper) or dense (the dense model's own "
+                                      "activations after that block, so a block also makes up for the error of those "
+                                      "before it; one more activation buffer)")
     holdout_fraction: float = setting(0.125, training=True,
                                       help="calibration windows held out of block tuning; a block that tuning makes "
                                            "worse on them gets its untuned weights back (0 disables)")
@@ -307,6 +314,16 @@ class FinetuneConfig:
         if self.block_window > 1 and (method is None or not method.takes_windows(self.options)):
             raise UsageError(f"--block-window {self.block_window} needs a method that tunes blocks by training "
                              f"(--finetune ebft or kd), not {self.method}; drop it or use --block-window 1")
+        if self.block_targets not in BLOCK_TARGETS:
+            raise UsageError(f"--block-targets {self.block_targets!r} is unknown; choose one of: "
+                             f"{', '.join(BLOCK_TARGETS)}")
+        if self.block_targets == "dense":
+            if method is None or not method.takes_windows(self.options):
+                raise UsageError(f"--block-targets dense needs a method that tunes blocks by training (--finetune ebft "
+                                 f"or kd), not {self.method}; drop it")
+            if self.block_window > 1:
+                raise UsageError("--block-targets dense tunes block by block; drop --block-window or use "
+                                 "--block-targets repaired")
         if not isinstance(self.model_guard, bool):
             raise UsageError(f"--model-guard is on or off (true or false in a sweep); got {self.model_guard!r}")
 

@@ -3,7 +3,10 @@
 For block i, with X the outputs of the already compressed (and tuned) blocks before it:
 
 1. **targets** = dense_block_i(X); the same pass feeds the compressor its activation statistics
-   (a pruner's input norms or Hessians, structured pruning's channel variances);
+   (a pruner's input norms or Hessians, structured pruning's channel variances). With
+   ``--block-targets dense`` the targets are instead dense_block_i(D), D the dense model's own
+   activations entering block i (a third buffer, D <- targets after each block), so that a block
+   also makes up for the error the compressed blocks before it left in X;
 2. **compress** block i: bool masks for its linear layers (fixed from now on), or whole heads and
    channels removed (:class:`Compressor`: :class:`MaskCompressor` wraps a pruner,
    :class:`ebft.structured.StructuredCompressor` shrinks);
@@ -313,6 +316,9 @@ class BlockWalk:
         self.kwargs: dict[str, Any] = {}
         self.current_store: torch.dtype | None = None  # the dtype the block in hand is kept in
         self.window = range(0)  # the blocks tuned together now (--block-window; one block by default)
+        #: --block-targets dense: the dense model's own activations entering the current block (else None)
+        self.dense: torch.Tensor | None = None
+        self.dense_targets = tuner is not None and finetune.block_targets == "dense"
         self._buffers: ActivationBuffers | None = None
 
     @property
@@ -323,16 +329,22 @@ class BlockWalk:
         for callback in self.callbacks:
             getattr(callback, hook)(self, *args)
 
-    def resume(self, done: int, reports: list[BlockReport], hidden: torch.Tensor) -> None:
+    def resume(self, done: int, reports: list[BlockReport], hidden: torch.Tensor,
+               dense: torch.Tensor | None = None) -> None:
         """Continue after ``done`` finished blocks (already loaded into the model, their masks into
-        ``self.masks``), whose reports and the activations leaving the last are given: for
-        ``on_walk_start`` hooks (the checkpoint's)."""
-        if hidden.shape[:2] != self.calib_ids.shape:
+        ``self.masks``), whose reports and the activations leaving the last are given (with
+        ``--block-targets dense``, also the dense model's own, ``dense``): for ``on_walk_start`` hooks
+        (the checkpoint's)."""
+        if hidden.shape[:2] != self.calib_ids.shape or (dense is not None and dense.shape != hidden.shape):
             raise EbftError("the checkpoint's activations do not match the calibration windows; "
                             "pass --overwrite to start over")
+        if (dense is not None) != self.dense_targets:
+            raise EbftError("the checkpoint was made with another --block-targets; pass --overwrite to start over")
         if self.offload_dir is not None:
             hidden = self._buffers.new(tuple(hidden.shape), hidden.dtype).copy_(hidden)  # type: ignore[union-attr]
-        self.first, self.reports, self.hidden = done, list(reports), hidden
+            if dense is not None:
+                dense = self._buffers.new(tuple(dense.shape), dense.dtype).copy_(dense)  # type: ignore[union-attr]
+        self.first, self.reports, self.hidden, self.dense = done, list(reports), hidden, dense
         logger.info("resumed after block %d/%d", done, len(self.blocks))
 
     def run(self) -> WalkResult:
@@ -356,6 +368,8 @@ class BlockWalk:
                 self.hidden = capture_first_block_inputs(self.model, self.blocks, self.calib_ids,
                                                          batch_size=self.batch_size, alloc=self._buffers.new)
             self.targets = self._buffers.new(tuple(self.hidden.shape), self.hidden.dtype)
+            if self.dense_targets and self.dense is None:  # before the first block both streams are the same
+                self.dense = self._buffers.new(tuple(self.hidden.shape), self.hidden.dtype).copy_(self.hidden)
             nsamples = self.calib_ids.shape[0]
             logger.info("calibration activations: %s windows x %s tokens x %s features (%.0f MB each, %s), %d held out",
                         *self.hidden.shape, self.hidden.numel() * self.hidden.element_size() / 2**20,
@@ -375,7 +389,7 @@ class BlockWalk:
                     self._notify("on_block_end", index, report)
             if not torch.isfinite(self.hidden).all():
                 raise EbftError("the pruned model produces non-finite activations; try a lower --sparsity or --lr")
-            self.hidden = self.targets = None
+            self.hidden = self.targets = self.dense = None
         finally:
             self._buffers.close()
         if self.dist is not None:
@@ -399,7 +413,9 @@ class BlockWalk:
         with calibration_context(self.model):
             # 1. dense targets and the compressor's activation statistics, in one pass over every window
             with self.compressor.observe(block, index, blocks):
-                run_block(block, self.hidden, kwargs, self.batch_size, out=self.targets)
+                run_block(block, self.hidden, kwargs, self.batch_size, out=self.targets if self.dense is None else None)
+            if self.dense is not None:  # --block-targets dense: the dense model's own next activations
+                run_block(block, self.dense, kwargs, self.batch_size, out=self.targets)
         self._notify("on_targets", index)
         with calibration_context(self.model):
             # 2. compress (the dense weights first, for tuners that start from them)
@@ -482,7 +498,8 @@ class BlockWalk:
         in place) back. Returns the report (its ``seconds`` left for the caller).
         """
         tuner, finetune, n_train, dist = self.tuner, self.finetune, self.n_train, self.dist
-        hidden, targets = self.hidden, self.targets
+        hidden, targets, dense = self.hidden, self.targets, self.dense
+        free = targets if dense is None else dense  # the buffer the tuned outputs go to (dense's is used up)
         with calibration_context(self.model):  # the untuned state, in the dtype it is kept in (exact: rounded)
             untuned = {k: v.detach().to(store if v.is_floating_point() else v.dtype, copy=True)
                        for k, v in block.state_dict().items()}
@@ -507,11 +524,13 @@ class BlockWalk:
             dist.broadcast_([*block.state_dict().values(), *masks.values()])
         with calibration_context(self.model):
             # each batch is compared with its targets before its outputs overwrite them
-            final_loss, holdout_final = self._losses(block, kwargs, out=targets)
+            final_loss, holdout_final = self._losses(block, kwargs, out=free)
             if result.restored is None:
                 result.restored = restore_reason(init_loss, final_loss, holdout_init, holdout_final)
+            if dense is not None:
+                self.dense, self.targets = targets, free  # the dense outputs are the next block's dense inputs
             if result.restored is None:
-                self.hidden, self.targets = targets, hidden  # the tuned outputs are the next block's inputs
+                self.hidden, self.targets = free, hidden  # the tuned outputs are the next block's inputs
             else:
                 logger.warning("block %d: %s; restoring its untuned weights", index, result.restored)
                 block.load_state_dict(untuned)
