@@ -106,7 +106,12 @@ def dense_reference(runner: BlockRunner, ids: torch.Tensor, k: int = TOP_K,
                     state_for: StateFor = lambda index: None) -> Reference:
     """The compact reference of the model ``runner`` runs (with ``state_for``'s blocks) on ``ids``, one
     window of logits at a time."""
-    hidden = runner.run(runner.embed(ids), 0, len(runner.blocks), state_for)
+    return reference_from_hidden(runner, ids, runner.run(runner.embed(ids), 0, len(runner.blocks), state_for), k)
+
+
+def reference_from_hidden(runner: BlockRunner, ids: torch.Tensor, hidden: torch.Tensor, k: int = TOP_K) -> Reference:
+    """The compact reference of the logits the head of ``runner``'s model gives for ``hidden`` (the last
+    block's outputs on ``ids``), one window of logits at a time."""
     parts = [reference_from_logits(logits, ids[rows], k) for rows, logits in runner.logits(ids, hidden, HEAD_BATCH)]
     return Reference(**{name: torch.cat([getattr(p, name) for p in parts])
                         for name in ("ids", "top_ids", "top_logp", "rest_logp")})

@@ -68,3 +68,61 @@ def test_kd_runs_on_a_structured_model(resume_setup, tmp_path: Path) -> None:
     assert report["structured"] and report["model_stage"]["method"] == "kd"
     stage = report["model_stage"]
     assert stage["steps"] == 3 * 14 and stage["details"]["holdout_kl_before"] > 0  # 28 windows, batch 2
+
+
+def test_the_hidden_state_loss_is_the_per_token_squared_error_over_the_dense_norm() -> None:
+    from ebft.finetune.kd import hidden_loss
+
+    student = torch.tensor([[[1.0, 0.0], [3.0, 4.0]]])
+    teacher = torch.tensor([[[0.0, 2.0], [3.0, 0.0]]])
+    # token 0: |(1, -2)|^2 / |(0, 2)|^2 = 5 / 4; token 1: |(0, 4)|^2 / |(3, 0)|^2 = 16 / 9
+    assert float(hidden_loss(student, teacher)) == pytest.approx((5 / 4 + 16 / 9) / 2)
+    assert float(hidden_loss(teacher, teacher)) == 0.0
+
+
+def test_kd_hidden_weight_keeps_the_dense_block_outputs_and_trains_towards_them(resume_setup, tmp_path: Path) -> None:
+    """The recorded teacher block outputs are the dense chain's on the calibration windows (a plain
+    reference, to bf16); the stage with the hidden-state loss trains to another model, masks exact, and
+    leaves no file behind under --offload disk."""
+    from tests.tiny.test_block_window import _calibration_ids, _first_block_inputs
+    from transformers import AutoModelForCausalLM
+
+    from ebft.finetune.kd import KD as Stage
+    from ebft.models.adapter import find_blocks
+    from ebft.models.blocks import call_block
+
+    kept: list[torch.Tensor] = []
+    close = Stage.close
+
+    def keep_then_close(self: Stage) -> None:
+        if self.teacher_hidden is not None:
+            kept.append(self.teacher_hidden.clone())
+        close(self)
+
+    plain, hidden = tmp_path / "plain", tmp_path / "hidden"
+    assert main(resume_setup.argv(plain, *KD)) == 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Stage, "close", keep_then_close)
+        assert main(resume_setup.argv(hidden, *KD, "--kd-hidden-weight", "1", "--offload", "disk")) == 0
+    assert len(kept) == 1 and kept[0].dtype == torch.bfloat16 and kept[0].shape[:2] == (4, 32)
+    dense = AutoModelForCausalLM.from_pretrained(resume_setup.model_dir).float().eval()
+    x, kwargs = _first_block_inputs(dense, _calibration_ids(hidden, resume_setup))
+    with torch.no_grad():
+        for index, block in enumerate(find_blocks(dense).blocks):
+            x = call_block(block, x, kwargs)
+            torch.testing.assert_close(kept[0][index].float(), x, rtol=1e-2, atol=1e-2)
+    stage = _report(hidden)["model_stage"]
+    assert stage["details"]["hidden_weight"] == 1.0 and stage["restored"] is None
+    assert stage["details"]["holdout_kl_after"] < stage["details"]["holdout_kl_before"]
+    a, b = (load_file(str(p / "model" / "model.safetensors")) for p in (plain, hidden))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    for key, weight in b.items():
+        if key.endswith("proj.weight"):
+            assert torch.equal(weight == 0, a[key] == 0), key
+    assert not list(tmp_path.rglob("kd-teacher-*"))
+
+
+def test_a_negative_hidden_weight_is_refused(resume_setup, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                             one_line_error) -> None:
+    assert main(resume_setup.argv(tmp_path / "x", "--finetune", "kd", "--kd-hidden-weight", "-1")) == 2
+    one_line_error(capsys.readouterr().err, "--kd-hidden-weight must be >= 0 (0: off); got -1.0")

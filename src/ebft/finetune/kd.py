@@ -9,7 +9,10 @@ distribution on the calibration windows:
   one bucket (:mod:`ebft.guard`'s compact reference), so it costs ``k`` numbers per token, not the
   vocabulary;
 - **the loss** is KL(teacher || model) over that coarsening, plus ``--kd-ce-weight`` times the
-  causal-LM loss; AdamW over every decoder-block parameter (the embeddings and the head stay), with
+  causal-LM loss, plus ``--kd-hidden-weight`` times the blocks' hidden-state loss (each block's output
+  against the dense model's, recorded with the teacher: per token the squared error over the dense
+  output's squared norm, averaged over tokens and blocks, a per-token form of SquareHead, Kurtic et al.
+  2023, so that the few tokens with very large activations do not dominate it); AdamW over every decoder-block parameter (the embeddings and the head stay), with
   the learning rate ``--kd-lr`` over ``--kd-epochs`` passes (or ``--kd-steps`` steps) and the common
   warm-up, decay, clipping, batch size and precision. Gradients of pruned weights are zeroed and the
   masks re-applied after every step: a pruned weight is exactly 0.0 throughout;
@@ -35,12 +38,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ebft.capture import ActivationBuffers
 from ebft.errors import EbftError, UsageError
 from ebft.finetune.base import BlockFinetuner, ModelFinetuner, ModelResult, register_finetuner
 from ebft.finetune.ebft import EBFT, check_lr_search
 from ebft.finetune.loop import planned_steps, train_steps
 from ebft.finetune.lora import apply_masks
-from ebft.guard import Reference, dense_reference, kl_and_ce
+from ebft.guard import Reference, dense_reference, kl_and_ce, reference_from_hidden
 from ebft.models.adapter import find_blocks
 from ebft.models.blockwise import BlockRunner
 from ebft.precision import autocast_context, block_shapes, resolve_precision
@@ -67,6 +71,11 @@ class KDOptions:
                                                        "--kd-epochs")
     top_k: int = setting(64, help="the dense model's most likely next tokens kept per position as the teacher")
     ce_weight: float = setting(0.0, help="weight of the causal-LM loss added to the KL (0: KL alone)")
+    hidden_weight: float = setting(0.0, help="weight of the blocks' hidden-state loss added to the KL: each block's "
+                                             "output against the dense model's, per token the squared error over "
+                                             "the dense output's squared norm, averaged over tokens and blocks (0: "
+                                             "off; more: the dense block outputs are kept in bf16, on disk with "
+                                             "--offload disk)")
     checkpointing: bool = setting(True, help="recompute each block's activations in the backward pass (less "
                                              "memory, about a third more time)")
 
@@ -82,6 +91,7 @@ class KDOptions:
                                        or self.steps < 1):
             raise UsageError(f"--kd-steps must be a positive whole number; got {self.steps!r}")
         check_finite(self.ce_weight, "--kd-ce-weight", ">= 0", low=0.0)
+        check_finite(self.hidden_weight, "--kd-hidden-weight", ">= 0 (0: off)", low=0.0)
         if not isinstance(self.checkpointing, bool):
             raise UsageError(f"--kd-checkpointing is on or off; got {self.checkpointing!r}")
 
@@ -99,6 +109,9 @@ class KD(ModelFinetuner, Callback):
     def __init__(self, config: Any, seed: int = 0, **option_values: Any) -> None:
         super().__init__(config, seed, **option_values)
         self.teacher: Reference | None = None
+        #: with --kd-hidden-weight: the dense model's block outputs, [blocks, windows, seqlen, hidden] bf16
+        self.teacher_hidden: torch.Tensor | None = None
+        self._buffers: ActivationBuffers | None = None
 
     def block_finetuner(self) -> BlockFinetuner | None:
         if self.options.block == "none":
@@ -110,9 +123,28 @@ class KD(ModelFinetuner, Callback):
         """The dense model's compact next-token distribution on every calibration window (before any pruning)."""
         start = time.perf_counter()
         runner = BlockRunner(walk.model, walk.blocks, walk.device, walk.batch_size, block_kwargs=walk.block_kwargs)
-        self.teacher = dense_reference(runner, walk.calib_ids, self.options.top_k)
+        if not self.options.hidden_weight:
+            self.teacher = dense_reference(runner, walk.calib_ids, self.options.top_k)
+        else:  # block by block, keeping every block's outputs
+            hidden = runner.embed(walk.calib_ids)
+            self.close()
+            self._buffers = ActivationBuffers(walk.offload_dir, prefix="kd-teacher")
+            self.teacher_hidden = self._buffers.new((len(walk.blocks), *hidden.shape), torch.bfloat16)
+            for index in range(len(walk.blocks)):
+                self.teacher_hidden[index].copy_(runner.run(hidden, index, index + 1))
+            self.teacher = reference_from_hidden(runner, walk.calib_ids, hidden, self.options.top_k)
+            logger.info("kd: the dense model's block outputs kept for the hidden-state loss: %.0f MB (bf16, %s)",
+                        self.teacher_hidden.numel() * 2 / 2**20,
+                        "in RAM" if walk.offload_dir is None else f"memory-mapped in {walk.offload_dir}")
         logger.info("kd: the dense model's top-%d next tokens on %d windows recorded in %.1f s", self.options.top_k,
                     walk.calib_ids.shape[0], time.perf_counter() - start)
+
+    def close(self) -> None:
+        """Free the dense block outputs (and their files)."""
+        self.teacher_hidden = None
+        if self._buffers is not None:
+            self._buffers.close()
+            self._buffers = None
 
     def tune_model(self, model: nn.Module, calib_ids: torch.Tensor, masks: Mapping[str, torch.Tensor],
                    device: torch.device) -> tuple[nn.Module, ModelResult]:
@@ -133,7 +165,11 @@ class KD(ModelFinetuner, Callback):
                                       cfg.batch_size * calib_ids.shape[1])
         result = ModelResult("kd", "KL to the dense model",
                              details={"trainable_parameters": sum(p.numel() for p in trainable), "top_k": opts.top_k,
-                                      "training_windows": n_train, "precision": precision})
+                                      "training_windows": n_train, "precision": precision,
+                                      "hidden_weight": opts.hidden_weight})
+        if opts.hidden_weight and (self.teacher_hidden is None or self.teacher_hidden.shape[0] != len(blocks)):
+            raise EbftError("kd: the dense model's block outputs were not recorded before the walk")
+        outputs: dict[int, torch.Tensor] = {}  # each block's output in the step's forward pass
         start = time.perf_counter()
         model.requires_grad_(False)
         model.to(device)
@@ -150,6 +186,11 @@ class KD(ModelFinetuner, Callback):
                 logits = model(input_ids=ids, use_cache=False).logits
             kl, ce = kl_and_ce(logits, self.teacher, rows)  # type: ignore[arg-type]
             loss = kl.mean() + opts.ce_weight * ce.mean() if opts.ce_weight else kl.mean()
+            if opts.hidden_weight:
+                terms = [hidden_loss(outputs[index], self.teacher_hidden[index, rows].to(device))  # type: ignore
+                         for index in range(len(blocks))]
+                loss = loss + opts.hidden_weight * torch.stack(terms).mean()
+                outputs.clear()
             return loss, ids.numel()
 
         def mask_grads() -> None:
@@ -166,13 +207,14 @@ class KD(ModelFinetuner, Callback):
         for p in trainable:
             p.requires_grad_(True)
         try:
-            with _training(model, opts.checkpointing):
+            with _training(model, opts.checkpointing), _block_outputs(blocks.blocks, outputs, opts.hidden_weight > 0):
                 train_steps(trainable, cfg, device, precision, n_train, self.seed, step_loss, result, desc="kd",
                             on_grads=mask_grads, after_step=reapply_masks, dist=self.dist,
                             on_epoch_end=lambda epoch, loss: _log_epoch(epoch, epochs, loss))
         finally:
             for p in trainable:
                 p.requires_grad_(False)
+            self.close()
         if result.restored is None and held_before is not None:
             held_after = self._kl(model, held_rows, device, cfg.batch_size)
             result.details.update(holdout_kl_before=held_before, holdout_kl_after=held_after)
@@ -203,6 +245,31 @@ class KD(ModelFinetuner, Callback):
             kl, _ = kl_and_ce(logits, self.teacher, chunk)  # type: ignore[arg-type]
             total, count = total + float(kl.double().sum()), count + kl.numel()
         return total / count
+
+
+def hidden_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Per token ``|student - teacher|^2 / |teacher|^2`` over the hidden features, averaged over the tokens
+    (fp32; ``[batch, seqlen, hidden]`` each)."""
+    student, teacher = student.float(), teacher.float()
+    return ((student - teacher).pow(2).sum(-1) / teacher.pow(2).sum(-1).clamp_min(1e-12)).mean()
+
+
+@contextlib.contextmanager
+def _block_outputs(blocks: nn.ModuleList, outputs: dict[int, torch.Tensor], active: bool) -> Iterator[None]:
+    """Within the block (if ``active``), ``outputs[i]`` is block ``i``'s latest output (a recomputation in
+    the backward pass under activation checkpointing overwrites it, after the loss has used it)."""
+    handles = []
+    if active:
+        for index, block in enumerate(blocks):
+            def hook(module: nn.Module, args: Any, out: Any, _index: int = index) -> None:
+                outputs[_index] = out[0] if isinstance(out, (tuple, list)) else out
+
+            handles.append(block.register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @contextlib.contextmanager
