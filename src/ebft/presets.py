@@ -37,8 +37,9 @@ _BLOCKS = {"epochs": 10, "batch_size": 4, "lr": 1e-3, "betas": (0.9, 0.95), "wei
 
 PRESETS["best-block"] = Preset(
     "the best recipe found that holds one block at a time: EBFT with each block's learning rate chosen by trial "
-    "among 2e-3, 1e-3, 4e-4, 2e-4 and 4e-5 on the held-out windows, 10 epochs of batch 4",
-    {"finetune": "ebft", **_BLOCKS, "ebft_lr_search": _LR_FACTORS})
+    "among 2e-3, 1e-3, 4e-4, 2e-4 and 4e-5 on the held-out windows, 10 epochs of batch 4, each block trained "
+    "towards the dense model's own activations (--block-targets dense)",
+    {"finetune": "ebft", **_BLOCKS, "ebft_lr_search": _LR_FACTORS, "block_targets": "dense"})
 PRESETS["best"] = Preset(
     "the best recipe found: best-block's walk, then the whole model distilled from the dense model's next-token "
     "distribution (--finetune kd, lr 1e-4, 2 epochs; needs the whole model with its gradients in memory)",
@@ -46,17 +47,22 @@ PRESETS["best"] = Preset(
 
 #: Settings that exclude each other: a preset's value is dropped when the other is given.
 _EXCLUDES = {"steps": ("epochs",), "epochs": ("steps",)}
+#: Common settings only some repair methods take: a preset's value is dropped when another method is given.
+_METHODS = {"block_targets": ("ebft", "kd")}
 
 
 def preset_names() -> list[str]:
     return list(PRESETS)
 
 
-def preset_values(name: str, given: Collection[str]) -> dict[str, Any]:
-    """Preset ``name``'s settings that the ``given`` ones neither set nor exclude."""
+def preset_values(name: str, given: Collection[str], finetune: str | None = None) -> dict[str, Any]:
+    """Preset ``name``'s settings that the ``given`` ones neither set nor exclude (nor, with the repair
+    method ``finetune`` given, that method does not take)."""
     if name not in PRESETS:
         raise UsageError(f"--preset {name!r} is unknown; choose one of: {', '.join(PRESETS)}")
     excluded = {other for key in given for other in _EXCLUDES.get(key, ())}
+    if finetune is not None:
+        excluded |= {key for key, methods in _METHODS.items() if finetune not in methods}
     return {k: v for k, v in PRESETS[name].values.items() if k not in given and k not in excluded}
 
 
@@ -68,6 +74,6 @@ def apply_preset(values: Mapping[str, Any], owner_of: Mapping[str, tuple[str, st
     name = values.get("preset")
     if name is None:
         return dict(values)
-    merged = {**preset_values(name, values), **values}
+    merged = {**preset_values(name, values, values.get("finetune")), **values}
     return {k: v for k, v in merged.items()
             if k in values or owner_of.get(k) is None or merged.get(owner_of[k][0]) == owner_of[k][1]}

@@ -55,11 +55,28 @@ def test_best_block_is_ebft_with_the_lr_chosen_per_block_and_best_adds_the_disti
     assert (block.method, block.lr, block.batch_size, block.epochs, block.holdout_fraction) == ("ebft", 1e-3, 4, 10,
                                                                                                  0.125)
     assert block.options.lr_search == (2.0, 1.0, 0.4, 0.2, 0.04)  # needs the held-out windows it keeps
+    assert block.block_targets == "dense"
+    # a method that does not train blocks, given beside it, drops the preset's --block-targets (refused otherwise)
+    assert build_run_config({"preset": "best-block", "finetune": "dsnot"}, model="m").finetune.block_targets == \
+        "repaired"
+    assert build_run_config({"preset": "best-block", "block_targets": "repaired"}, model="m").finetune.block_targets \
+        == "repaired"
     best = build_run_config({"preset": "best"}, model="m").finetune
     assert (best.method, best.options.block, best.options.block_lr_search) == ("kd", "ebft", block.options.lr_search)
     assert (best.options.lr, best.options.epochs) == (1e-4, 2)
+    assert best.block_targets == "repaired"  # with the distillation stage after it, the repaired stream did better
     assert {k: getattr(best, k) for k in ("lr", "batch_size", "epochs", "holdout_fraction")} == \
         {k: getattr(block, k) for k in ("lr", "batch_size", "epochs", "holdout_fraction")}
     # another method given beside it keeps the preset's common settings and drops the options of kd
     other = build_run_config({"preset": "best", "finetune": "ebft"}, model="m").finetune
     assert (other.method, other.lr, other.options.lr_search) == ("ebft", 1e-3, ())
+
+
+def test_a_sweep_cell_with_another_method_drops_the_presets_block_targets(tmp_path) -> None:
+    from ebft.sweep.schema import load_sweep
+
+    config = tmp_path / "sweep.yaml"
+    config.write_text("grid:\n  finetune: [ebft, dsnot]\nfixed:\n  model: m\n  preset: best-block\n"
+                      "  eval: [wikitext2]\n")
+    cells = {c.settings["finetune"]: c.config.finetune for c in load_sweep(config).cells}
+    assert (cells["ebft"].block_targets, cells["dsnot"].block_targets) == ("dense", "repaired")

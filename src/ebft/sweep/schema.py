@@ -383,7 +383,9 @@ def load_sweep(path: Path, out: Path | None = None, keep_models: bool | None = N
                 settings.setdefault(key, plain(keys[key].default))
             if settings.get("preset") is not None:  # the preset's values, where neither fixed nor this grid sets them
                 given = {*fixed_in, *axes}
-                settings.update({k: plain(v) for k, v in preset_values(settings["preset"], given).items()})
+                settings.update({k: plain(v) for k, v in preset_values(settings["preset"], given,
+                                                                       settings.get("finetune") if "finetune" in given
+                                                                       else None).items()})
             settings = read_settings(settings, keys)  # what the cell does not read changes nothing: cells collapse
             ident = cell_id(settings, union)
             if ident in seen:
