@@ -178,10 +178,12 @@ def validate_inputs(cfg: RunConfig, overwrite: bool = False, resume: bool = Fals
         PRUNERS[cfg.prune.pruner].check_run(cfg, config, skeleton)
     streamed = decide_streaming(cfg, config, skeleton)
     if cfg.out is not None:
+        dense_stream = cfg.finetune.block_targets == "dense"
         needed = estimate_out_bytes(config, cfg.calib.nsamples, cfg.calib.seqlen, skeleton,
-                                    _dtype_bytes(save_dtype(cfg, config)))
-        if cfg.offload == "disk":  # both activation buffers, for every process of a torchrun job
-            needed["offloaded activations"] = needed["activations"] * processes
+                                    _dtype_bytes(save_dtype(cfg, config)), streams=2 if dense_stream else 1)
+        if cfg.offload == "disk":  # the activation buffers (inputs, targets, the dense stream), for every process
+            one = cfg.calib.nsamples * cfg.calib.seqlen * int(getattr(config, "hidden_size", 0) or 0) * 4
+            needed["offloaded activations"] = (3 if dense_stream else 2) * one * processes
         check_disk_space(Path(cfg.out), needed)
     return Validated(plan, streamed)
 
@@ -292,16 +294,17 @@ def count_parameters(config: Any, skeleton: nn.Module | None = None) -> int:
 
 
 def estimate_out_bytes(config: Any, nsamples: int, seqlen: int, skeleton: nn.Module | None = None,
-                       dtype_bytes: int = 4) -> dict[str, int]:
+                       dtype_bytes: int = 4, streams: int = 1) -> dict[str, int]:
     """Disk a run with ``--out`` needs at its peak: the saved model (+10%), every block's checkpoint (its
     weights and bool masks) and its untuned state for the model guard, and two copies of the activations
-    (the old one goes once the new is in); weights take ``dtype_bytes`` each."""
+    of each of the walk's ``streams`` (2 with ``--block-targets dense``; the old copy goes once the new is
+    in); weights take ``dtype_bytes`` each."""
     params = count_parameters(config, skeleton)
     hidden = int(getattr(config, "hidden_size", 0) or 0)
     return {
         "model": int(params * dtype_bytes * 1.1),
         "block checkpoints": params * (2 * dtype_bytes + 1),
-        "activations": 2 * nsamples * seqlen * hidden * 4,
+        "activations": 2 * streams * nsamples * seqlen * hidden * 4,
     }
 
 

@@ -53,3 +53,12 @@ def test_offload_disk_is_in_the_disk_space_check(parallel_setup, tmp_path: Path,
     assert main(parallel_setup.argv(out, "--offload", "disk", "--finetune", "none")) == 1
     assert "offloaded activations" in capsys.readouterr().err
     assert main(parallel_setup.argv(out, "--finetune", "none")) == 0  # fits without the offload files
+
+
+def test_the_dense_stream_doubles_the_checkpoints_activations_in_the_disk_estimate(parallel_setup) -> None:
+    from ebft.models.loading import load_config
+    from ebft.runner import estimate_out_bytes
+
+    config = load_config(str(parallel_setup.model_dir))
+    one, two = (estimate_out_bytes(config, 8, 32, streams=n)["activations"] for n in (1, 2))
+    assert one == 2 * 8 * 32 * config.hidden_size * 4 and two == 2 * one
