@@ -22,6 +22,7 @@ from pathlib import Path
 
 from study_tables import label, table
 
+from ebft.presets import PRESETS
 from ebft.sweep import load_sweep, read_cell
 
 SOURCES = ("wikitext2:test", "wikitext2:validation", "c4")
@@ -55,7 +56,12 @@ def spread_rows(cells: dict, dense: float) -> list[list[str]]:
 
 
 def method(settings: dict) -> str:
-    return settings.get("preset") or settings["finetune"]
+    """The cell's preset or repair method, and its --block-targets where that is not the preset's own."""
+    preset = settings.get("preset")
+    name = preset or settings["finetune"]
+    own = PRESETS[preset].values.get("block_targets", "repaired") if preset else "repaired"
+    targets = settings.get("block_targets") or own
+    return name if targets == own else f"{name}, {targets} targets"
 
 
 def main(argv: list[str] | None = None) -> int:

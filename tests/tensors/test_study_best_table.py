@@ -48,3 +48,12 @@ def test_spread_needs_each_seeds_pruning_alone(study) -> None:
              ("wanda", "0.5", "best", 1): record(40.0), ("wanda", "0.5", "best", 2): record(20.0)}
     (row,) = study.spread_rows(cells, dense=20.0)
     assert row[8] == "—"  # seed 2 has no pruning-alone cell, so no mean gap
+
+
+def test_cells_are_labelled_by_preset_and_by_targets_other_than_the_presets_own(study) -> None:
+    assert study.method({"preset": "best-block", "finetune": "ebft", "block_targets": "dense"}) == "best-block"
+    assert study.method({"preset": "best-block", "finetune": "ebft", "block_targets": "repaired"}) == \
+        "best-block, repaired targets"
+    assert study.method({"preset": "best", "finetune": "kd", "block_targets": "repaired"}) == "best"
+    assert study.method({"finetune": "ebft", "block_targets": "dense"}) == "ebft, dense targets"
+    assert study.method({"finetune": "lora"}) == "lora"
