@@ -58,7 +58,11 @@ def spread_rows(cells: dict, dense: float) -> list[list[str]]:
 def method(settings: dict) -> str:
     """The cell's preset or repair method, and its --block-targets where that is not the preset's own."""
     preset = settings.get("preset")
+    if preset and settings["finetune"] != PRESETS[preset].values.get("finetune", settings["finetune"]):
+        preset = None  # another method given beside the preset (pruning alone in a config that fixes one)
     name = preset or settings["finetune"]
+    if name == "none":
+        return name
     own = PRESETS[preset].values.get("block_targets", "repaired") if preset else "repaired"
     targets = settings.get("block_targets") or own
     return name if targets == own else f"{name}, {targets} targets"

@@ -57,3 +57,4 @@ def test_cells_are_labelled_by_preset_and_by_targets_other_than_the_presets_own(
     assert study.method({"preset": "best", "finetune": "kd", "block_targets": "repaired"}) == "best"
     assert study.method({"finetune": "ebft", "block_targets": "dense"}) == "ebft, dense targets"
     assert study.method({"finetune": "lora"}) == "lora"
+    assert study.method({"preset": "best-block", "finetune": "none", "block_targets": "dense"}) == "none"
