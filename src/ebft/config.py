@@ -311,14 +311,15 @@ class FinetuneConfig:
             _positive_int(self.patience, "--patience")
         _positive_int(self.block_window, "--block-window")
         method = FINETUNERS[self.method]
-        if self.block_window > 1 and (method is None or not method.takes_windows(self.options)):
+        trains_blocks = method is not None and method.takes_windows(self.options)
+        if self.block_window > 1 and not trains_blocks:
             raise UsageError(f"--block-window {self.block_window} needs a method that tunes blocks by training "
                              f"(--finetune ebft or kd), not {self.method}; drop it or use --block-window 1")
         if self.block_targets not in BLOCK_TARGETS:
             raise UsageError(f"--block-targets {self.block_targets!r} is unknown; choose one of: "
                              f"{', '.join(BLOCK_TARGETS)}")
         if self.block_targets == "dense":
-            if method is None or not method.takes_windows(self.options):
+            if not trains_blocks:
                 raise UsageError(f"--block-targets dense needs a method that tunes blocks by training (--finetune ebft "
                                  f"or kd), not {self.method}; drop it")
             if self.block_window > 1:

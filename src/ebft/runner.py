@@ -182,7 +182,7 @@ def validate_inputs(cfg: RunConfig, overwrite: bool = False, resume: bool = Fals
         needed = estimate_out_bytes(config, cfg.calib.nsamples, cfg.calib.seqlen, skeleton,
                                     _dtype_bytes(save_dtype(cfg, config)), streams=2 if dense_stream else 1)
         if cfg.offload == "disk":  # the activation buffers (inputs, targets, the dense stream), for every process
-            one = cfg.calib.nsamples * cfg.calib.seqlen * int(getattr(config, "hidden_size", 0) or 0) * 4
+            one = needed["activations"] // (4 if dense_stream else 2)  # the checkpoint keeps two copies per stream
             needed["offloaded activations"] = (3 if dense_stream else 2) * one * processes
         check_disk_space(Path(cfg.out), needed)
     return Validated(plan, streamed)

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
 from ebft.checkpoint import work_dir
 from ebft.cli import main
@@ -34,21 +32,13 @@ def test_each_block_is_judged_against_the_dense_models_own_activations(resume_se
     """A plain reference: block i's losses are the MSE between the dense chain of blocks 0..i on the embeddings
     and block i as pruned (Wanda keeps the dense values: dense x mask) or as saved, on the saved blocks
     0..i-1's outputs; the walk's own outputs are the saved model's."""
-    from tests.tiny.test_block_window import _calibration_ids, _first_block_inputs
+    from tests.tiny.test_block_window import _calibration_ids, _dense_pruned_tuned, _first_block_inputs
 
     out = tmp_path / "dense"
     assert main(resume_setup.argv(out, *FLAGS, "--block-targets", "dense")) == 0
     reports = _report(out)["blocks"]
     assert _report(out)["config"]["finetune"]["block_targets"] == "dense"
-    saved = load_file(str(out / "model" / "model.safetensors"))
-    dense = AutoModelForCausalLM.from_pretrained(resume_setup.model_dir).float().eval()
-    pruned = AutoModelForCausalLM.from_pretrained(resume_setup.model_dir).float().eval()
-    tuned = AutoModelForCausalLM.from_pretrained(out / "model").float().eval()
-    with torch.no_grad():
-        for name, weight in pruned.named_parameters():
-            if name.endswith("proj.weight"):
-                assert (saved[name] == 0).float().mean() == 0.5  # masks exact in the output
-                weight.mul_(saved[name] != 0)
+    dense, pruned, tuned = _dense_pruned_tuned(resume_setup, out, ("model.layers.",))
     ids = _calibration_ids(out, resume_setup)
     hidden, kwargs = _first_block_inputs(dense, ids)
     target, stream = hidden, hidden

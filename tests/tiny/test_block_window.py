@@ -55,15 +55,7 @@ def test_two_block_windows_train_the_pair_against_the_dense_pair(resume_setup, t
 
     # a plain reference: the first window's losses are the MSE between the dense pair and the pair as pruned
     # (Wanda keeps the dense values: dense x mask) and as saved, on the embeddings of the calibration windows
-    saved = load_file(str(out / "model" / "model.safetensors"))
-    dense = AutoModelForCausalLM.from_pretrained(resume_setup.model_dir).float().eval()
-    pruned = AutoModelForCausalLM.from_pretrained(resume_setup.model_dir).float().eval()
-    tuned = AutoModelForCausalLM.from_pretrained(out / "model").float().eval()
-    with torch.no_grad():
-        for name, weight in pruned.named_parameters():
-            if name.startswith(("model.layers.0.", "model.layers.1.")) and name.endswith("proj.weight"):
-                assert (saved[name] == 0).float().mean() == 0.5  # masks exact in the output
-                weight.mul_(saved[name] != 0)
+    dense, pruned, tuned = _dense_pruned_tuned(resume_setup, out, ("model.layers.0.", "model.layers.1."))
     ids = _calibration_ids(out, resume_setup)
     hidden, kwargs = _first_block_inputs(dense, ids)
     with torch.no_grad():
@@ -72,6 +64,21 @@ def test_two_block_windows_train_the_pair_against_the_dense_pair(resume_setup, t
         after = _chain(list(find_blocks(tuned).blocks)[:2], hidden, kwargs)
     assert float((before - target).double().pow(2).mean()) == pytest.approx(blocks[0]["init_loss"], rel=1e-4)
     assert float((after - target).double().pow(2).mean()) == pytest.approx(blocks[0]["final_loss"], rel=1e-4)
+
+
+def _dense_pruned_tuned(setup, out: Path, prefixes: tuple[str, ...]) -> tuple[torch.nn.Module, ...]:
+    """The dense model, the dense model with the saved masks applied to the linears under ``prefixes``
+    (Wanda's pruned block before tuning: dense x mask), and the saved model; each such mask is 50% exactly."""
+    saved = load_file(str(out / "model" / "model.safetensors"))
+    dense = AutoModelForCausalLM.from_pretrained(setup.model_dir).float().eval()
+    pruned = AutoModelForCausalLM.from_pretrained(setup.model_dir).float().eval()
+    tuned = AutoModelForCausalLM.from_pretrained(out / "model").float().eval()
+    with torch.no_grad():
+        for name, weight in pruned.named_parameters():
+            if name.startswith(prefixes) and name.endswith("proj.weight"):
+                assert (saved[name] == 0).float().mean() == 0.5  # masks exact in the output
+                weight.mul_(saved[name] != 0)
+    return dense, pruned, tuned
 
 
 def _calibration_ids(out: Path, setup) -> torch.Tensor:

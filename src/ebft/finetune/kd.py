@@ -12,7 +12,8 @@ distribution on the calibration windows:
   causal-LM loss, plus ``--kd-hidden-weight`` times the blocks' hidden-state loss (each block's output
   against the dense model's, recorded with the teacher: per token the squared error over the dense
   output's squared norm, averaged over tokens and blocks, a per-token form of SquareHead, Kurtic et al.
-  2023, so that the few tokens with very large activations do not dominate it); AdamW over every decoder-block parameter (the embeddings and the head stay), with
+  2023, so that the few tokens with very large activations do not dominate it); AdamW over every
+  decoder-block parameter (the embeddings and the head stay), with
   the learning rate ``--kd-lr`` over ``--kd-epochs`` passes (or ``--kd-steps`` steps) and the common
   warm-up, decay, clipping, batch size and precision. Gradients of pruned weights are zeroed and the
   masks re-applied after every step: a pruned weight is exactly 0.0 throughout;
@@ -46,6 +47,7 @@ from ebft.finetune.loop import planned_steps, train_steps
 from ebft.finetune.lora import apply_masks
 from ebft.guard import Reference, dense_reference, kl_and_ce, reference_from_hidden
 from ebft.models.adapter import find_blocks
+from ebft.models.blocks import record_outputs
 from ebft.models.blockwise import BlockRunner
 from ebft.precision import autocast_context, block_shapes, resolve_precision
 from ebft.settings import check_finite, setting
@@ -169,7 +171,10 @@ class KD(ModelFinetuner, Callback):
                                       "hidden_weight": opts.hidden_weight})
         if opts.hidden_weight and (self.teacher_hidden is None or self.teacher_hidden.shape[0] != len(blocks)):
             raise EbftError("kd: the dense model's block outputs were not recorded before the walk")
-        outputs: dict[int, torch.Tensor] = {}  # each block's output in the step's forward pass
+        # each block's latest output (a recomputation in the backward pass under activation checkpointing
+        # overwrites it, after the loss has used it)
+        outputs: dict[str, torch.Tensor] = {}
+        recorded = {str(index): block for index, block in enumerate(blocks.blocks)} if opts.hidden_weight else {}
         start = time.perf_counter()
         model.requires_grad_(False)
         model.to(device)
@@ -187,7 +192,7 @@ class KD(ModelFinetuner, Callback):
             kl, ce = kl_and_ce(logits, self.teacher, rows)  # type: ignore[arg-type]
             loss = kl.mean() + opts.ce_weight * ce.mean() if opts.ce_weight else kl.mean()
             if opts.hidden_weight:
-                terms = [hidden_loss(outputs[index], self.teacher_hidden[index, rows].to(device))  # type: ignore
+                terms = [hidden_loss(outputs[str(index)], self.teacher_hidden[index, rows].to(device))  # type: ignore
                          for index in range(len(blocks))]
                 loss = loss + opts.hidden_weight * torch.stack(terms).mean()
                 outputs.clear()
@@ -207,7 +212,7 @@ class KD(ModelFinetuner, Callback):
         for p in trainable:
             p.requires_grad_(True)
         try:
-            with _training(model, opts.checkpointing), _block_outputs(blocks.blocks, outputs, opts.hidden_weight > 0):
+            with _training(model, opts.checkpointing), record_outputs(recorded, outputs.__setitem__):
                 train_steps(trainable, cfg, device, precision, n_train, self.seed, step_loss, result, desc="kd",
                             on_grads=mask_grads, after_step=reapply_masks, dist=self.dist,
                             on_epoch_end=lambda epoch, loss: _log_epoch(epoch, epochs, loss))
@@ -252,24 +257,6 @@ def hidden_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     (fp32; ``[batch, seqlen, hidden]`` each)."""
     student, teacher = student.float(), teacher.float()
     return ((student - teacher).pow(2).sum(-1) / teacher.pow(2).sum(-1).clamp_min(1e-12)).mean()
-
-
-@contextlib.contextmanager
-def _block_outputs(blocks: nn.ModuleList, outputs: dict[int, torch.Tensor], active: bool) -> Iterator[None]:
-    """Within the block (if ``active``), ``outputs[i]`` is block ``i``'s latest output (a recomputation in
-    the backward pass under activation checkpointing overwrites it, after the loss has used it)."""
-    handles = []
-    if active:
-        for index, block in enumerate(blocks):
-            def hook(module: nn.Module, args: Any, out: Any, _index: int = index) -> None:
-                outputs[_index] = out[0] if isinstance(out, (tuple, list)) else out
-
-            handles.append(block.register_forward_hook(hook))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextlib.contextmanager

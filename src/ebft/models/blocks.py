@@ -73,19 +73,38 @@ def run_block(
     return sq_sum / count if targets is not None else None
 
 
-@contextlib.contextmanager
-def record_inputs(modules: Mapping[str, nn.Module], sink: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+def record_inputs(modules: Mapping[str, nn.Module],
+                  sink: Callable[[str, torch.Tensor], None]) -> contextlib.AbstractContextManager[None]:
     """Within the block, ``sink(name, x)`` gets every forward input ``x`` of ``modules[name]`` (detached).
 
     The activation statistics of pruners, DSnoT and structured pruning all come through here; the
     hooks are always removed on exit.
     """
+    return _recording(modules, sink, outputs=False)
+
+
+def record_outputs(modules: Mapping[str, nn.Module],
+                   sink: Callable[[str, torch.Tensor], None]) -> contextlib.AbstractContextManager[None]:
+    """Within the block, ``sink(name, y)`` gets every forward output ``y`` of ``modules[name]`` (its first
+    element for a block that returns a tuple), not detached: a loss on it trains the module."""
+    return _recording(modules, sink, outputs=True)
+
+
+@contextlib.contextmanager
+def _recording(modules: Mapping[str, nn.Module], sink: Callable[[str, torch.Tensor], None],
+               outputs: bool) -> Iterator[None]:
     handles = []
     for name, module in modules.items():
-        def hook(mod: nn.Module, args: tuple, _name: str = name) -> None:
-            sink(_name, args[0].detach())
+        if outputs:
+            def out_hook(mod: nn.Module, args: tuple, out: Any, _name: str = name) -> None:
+                sink(_name, out[0] if isinstance(out, (tuple, list)) else out)
 
-        handles.append(module.register_forward_pre_hook(hook))
+            handles.append(module.register_forward_hook(out_hook))
+        else:
+            def in_hook(mod: nn.Module, args: tuple, _name: str = name) -> None:
+                sink(_name, args[0].detach())
+
+            handles.append(module.register_forward_pre_hook(in_hook))
     try:
         yield
     finally:
