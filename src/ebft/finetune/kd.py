@@ -135,7 +135,7 @@ class KD(ModelFinetuner, Callback):
             for index in range(len(walk.blocks)):
                 self.teacher_hidden[index].copy_(runner.run(hidden, index, index + 1))
             self.teacher = reference_from_hidden(runner, walk.calib_ids, hidden, self.options.top_k)
-            logger.info("kd: the dense model's block outputs kept for the hidden-state loss: %.0f MB (bf16, %s)",
+            logger.info("kd: the dense model's block outputs kept for the hidden-state loss: %.0f MiB (bf16, %s)",
                         self.teacher_hidden.numel() * 2 / 2**20,
                         "in RAM" if walk.offload_dir is None else f"memory-mapped in {walk.offload_dir}")
         logger.info("kd: the dense model's top-%d next tokens on %d windows recorded in %.1f s", self.options.top_k,
