@@ -154,6 +154,7 @@ def validate_inputs(cfg: RunConfig, overwrite: bool = False, resume: bool = Fals
     tuner = FINETUNERS[cfg.finetune.method]
     if tuner is not None:
         tuner.check_available()
+        tuner.check_calibration(cfg.finetune.options, cfg.calib.nsamples, cfg.calib.seqlen)
     config = load_config(cfg.model)
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:

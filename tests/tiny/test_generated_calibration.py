@@ -78,6 +78,25 @@ def test_the_sampler_is_a_plain_loop_without_the_kv_cache(family: str, temperatu
     assert torch.equal(sampled, reference)
 
 
+def test_a_prefix_is_kept_and_continued_as_a_plain_loop_would(tiny_factory, tokenizer) -> None:
+    """``continue_windows`` (the distillation stage's extra windows): a [n, 5] prefix is read in one forward, then
+    continued; the reference recomputes the whole window at every step from the same draws."""
+    from ebft.data.generate import continue_windows
+
+    model = tiny_factory("llama")
+    nsamples, seqlen, given = 4, 16, 5
+    prefix = torch.randint(3, len(tokenizer), (nsamples, given), generator=torch.Generator().manual_seed(3))
+    draws = sampling_draws(nsamples, seqlen, 11)
+    options = GeneratedOptions(temperature=0.8, top_p=0.9, batch_size=3)
+    sampled = continue_windows(model, prefix, draws, len(tokenizer), options, "cpu", "test")
+    reference = prefix.clone()
+    with torch.no_grad():
+        for t in range(given, seqlen):
+            logits = model(input_ids=reference, use_cache=False).logits[:, -1]
+            reference = torch.cat([reference, next_tokens(logits, draws[:, t], 0.8, 0.9)[:, None]], dim=1)
+    assert torch.equal(sampled[:, :given], prefix) and torch.equal(sampled, reference)
+
+
 def test_prune_samples_caches_and_resumes_bitwise(resume_setup, tmp_path: Path, interrupt_after, assert_unfinished,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A whole run, and one stopped after block 1: the windows wait in the work folder, with the run's fingerprint;

@@ -126,3 +126,70 @@ def test_a_negative_hidden_weight_is_refused(resume_setup, tmp_path: Path, capsy
                                              one_line_error) -> None:
     assert main(resume_setup.argv(tmp_path / "x", "--finetune", "kd", "--kd-hidden-weight", "-1")) == 2
     one_line_error(capsys.readouterr().err, "--kd-hidden-weight must be >= 0 (0: off); got -1.0")
+
+
+GEN = (*KD, "--kd-gen-windows", "6", "--kd-gen-prefix", "4")  # 28 training windows, then 6 the dense model writes
+
+
+def _teacher_ids(argv: list[str]) -> torch.Tensor:
+    """The windows the distillation stage's teacher was recorded on, in the run ``argv``."""
+    from ebft.finetune.kd import KD as Stage
+
+    seen: list[torch.Tensor] = []
+    tune = Stage.tune_model
+
+    def keep_then_tune(self: Stage, *args, **kwargs):
+        seen.append(self.teacher.ids.clone())
+        return tune(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Stage, "tune_model", keep_then_tune)
+        assert main(argv) == 0
+    assert len(seen) == 1
+    return seen[0]
+
+
+def test_kd_gen_windows_continue_pieces_of_the_training_windows(resume_setup, tmp_path: Path) -> None:
+    """The extra windows follow the calibration's (whose 28 training and 4 held-out windows stay as they are), each
+    starts with 4 consecutive tokens of training window j; the stage takes one more step per epoch for every 2 of
+    them, the held-out KL still falls, every pruned weight stays 0.0, and the same seed gives the same windows."""
+    from tests.tiny.test_block_window import _calibration_ids
+
+    first, again, plain = tmp_path / "gen", tmp_path / "again", tmp_path / "plain"
+    ids = _teacher_ids(resume_setup.argv(first, *GEN))
+    calib = _calibration_ids(first, resume_setup)
+    seqlen = calib.shape[1]
+    assert ids.shape == (32 + 6, seqlen) and torch.equal(ids[:32], calib)
+    for j, window in enumerate(ids[32:]):
+        pieces = {tuple(calib[j, o:o + 4].tolist()) for o in range(seqlen - 3)}
+        assert tuple(window[:4].tolist()) in pieces, j
+    assert len({tuple(w.tolist()) for w in ids[32:]}) == 6
+    assert torch.equal(_teacher_ids(resume_setup.argv(again, *GEN)), ids)
+    assert main(resume_setup.argv(plain, *KD)) == 0
+    stage, without = _report(first)["model_stage"], _report(plain)["model_stage"]
+    assert stage["details"]["generated_windows"] == 6 and without["details"]["generated_windows"] == 0
+    assert stage["details"]["training_windows"] == 28
+    assert stage["steps"] == 3 * 17 and without["steps"] == 3 * 14  # batch 2: 34 windows against 28
+    assert stage["details"]["holdout_kl_after"] < stage["details"]["holdout_kl_before"]
+    a, b = (load_file(str(p / "model" / "model.safetensors")) for p in (plain, first))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    for key, weight in b.items():
+        if key.endswith("proj.weight"):
+            assert torch.equal(weight == 0, a[key] == 0), key
+
+
+def test_kd_gen_windows_resume_bitwise(resume_setup, tmp_path: Path, assert_resumes_bitwise) -> None:
+    assert_resumes_bitwise(resume_setup, tmp_path, GEN, stop_after=1)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (("--kd-gen-windows", "-1"), "--kd-gen-windows must be a whole number >= 0 (0: none); got -1"),
+    (("--kd-gen-windows", "4", "--kd-gen-prefix", "0"), "--kd-gen-prefix must be a positive whole number; got 0"),
+    (("--kd-gen-windows", "4", "--kd-gen-prefix", "32"),
+     "--kd-gen-prefix 32 leaves nothing to sample in windows of 32 tokens; give at most 31"),
+])
+def test_bad_kd_gen_settings_are_refused(flags: tuple[str, ...], message: str, resume_setup, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str], one_line_error) -> None:
+    assert main(resume_setup.argv(tmp_path / "x", "--finetune", "kd", *flags)) == 2
+    one_line_error(capsys.readouterr().err, message)
+    assert not (tmp_path / "x").exists()

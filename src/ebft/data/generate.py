@@ -149,18 +149,21 @@ def start_tokens(tokenizer: Any, vocab: int, u: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the model
 
 
-def sample_batch(model: nn.Module, first: torch.Tensor, u: torch.Tensor, vocab: int, temperature: float,
+def sample_batch(model: nn.Module, prefix: torch.Tensor, u: torch.Tensor, vocab: int, temperature: float,
                  top_p: float) -> torch.Tensor:
-    """[b, seqlen] windows: ``first`` [b] continued token by token (``u`` [b, seqlen] the uniform numbers), each step
-    one forward of the new tokens with the KV cache, on the model's device; returned on the CPU."""
+    """[b, seqlen] windows: ``prefix`` [b, p] (or [b]: one first token) continued token by token (``u`` [b, seqlen]
+    the uniform numbers, column t drawing the token at position t >= p), the prefix in one forward and each further
+    step one forward of the new tokens with the KV cache, on the model's device; returned on the CPU."""
     device = model.get_input_embeddings().weight.device
     name = _cache_argument(model)
-    seqlen = u.shape[1]
-    ids = torch.empty(first.shape[0], seqlen, dtype=torch.long, device=device)
-    ids[:, 0] = first.to(device)
+    prefix = prefix[:, None] if prefix.dim() == 1 else prefix
+    seqlen, given = u.shape[1], prefix.shape[1]
+    ids = torch.empty(prefix.shape[0], seqlen, dtype=torch.long, device=device)
+    ids[:, :given] = prefix.to(device)
     cache = None  # the model makes it at the first step
-    for t in range(1, seqlen):
-        out = model(input_ids=ids[:, t - 1:t], use_cache=True, **{name: cache})
+    for t in range(given, seqlen):
+        start = 0 if cache is None else t - 1
+        out = model(input_ids=ids[:, start:t], use_cache=True, **{name: cache})
         cache = out[name]
         ids[:, t] = next_tokens(out.logits[:, -1, :vocab], u[:, t], temperature, top_p)
     return ids.cpu()
@@ -176,27 +179,36 @@ def generate_windows(model: nn.Module, tokenizer: Any, nsamples: int, seqlen: in
                      options: GeneratedOptions | None, device: torch.device | str) -> torch.Tensor:
     """[nsamples, seqlen] calibration windows sampled from ``model`` (see the module docstring) on ``device``, in
     batches of ``options.batch_size``; the model goes back to the CPU afterwards."""
-    from ebft.capture import calibration_context
-
     options = options if options is not None else GeneratedOptions()
     draws = sampling_draws(nsamples, seqlen, seed)
     vocab = min(len(tokenizer), model.get_input_embeddings().num_embeddings)
+    first = start_tokens(tokenizer, vocab, draws[:, 0])
+    return continue_windows(model, first[:, None], draws, vocab, options, device, "calibration")
+
+
+def continue_windows(model: nn.Module, prefix: torch.Tensor, draws: torch.Tensor, vocab: int,
+                     options: GeneratedOptions, device: torch.device | str, what: str) -> torch.Tensor:
+    """[n, seqlen] windows: each row of ``prefix`` [n, p] continued by ``model`` on ``device`` with the uniform numbers
+    ``draws`` [n, seqlen] and ``options``' sampling, in batches of ``options.batch_size`` (logged as ``what``); the
+    model goes back to the CPU afterwards."""
+    from ebft.capture import calibration_context
+
+    nsamples, seqlen = draws.shape
     windows = torch.empty(nsamples, seqlen, dtype=torch.long)
-    windows[:, 0] = start_tokens(tokenizer, vocab, draws[:, 0])
     start = time.perf_counter()
     model.to(device)
     try:
         with calibration_context(model):
             for first in range(0, nsamples, options.batch_size):
                 rows = slice(first, min(first + options.batch_size, nsamples))
-                windows[rows] = sample_batch(model, windows[rows, 0], draws[rows], vocab, options.temperature,
+                windows[rows] = sample_batch(model, prefix[rows], draws[rows], vocab, options.temperature,
                                              options.top_p)
-                logger.info("calibration: sampled %d/%d windows of %d tokens from the model (%.1f s)", rows.stop,
+                logger.info("%s: sampled %d/%d windows of %d tokens from the model (%.1f s)", what, rows.stop,
                             nsamples, seqlen, time.perf_counter() - start)
     finally:
         model.to("cpu")
-    logger.info("calibration generated: %d windows of %d tokens in %.1f s (temperature %g, top-p %g, seed %d)",
-                nsamples, seqlen, time.perf_counter() - start, options.temperature, options.top_p, seed)
+    logger.info("%s generated: %d windows of %d tokens in %.1f s (temperature %g, top-p %g)", what, nsamples, seqlen,
+                time.perf_counter() - start, options.temperature, options.top_p)
     return windows
 
 

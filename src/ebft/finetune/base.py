@@ -74,6 +74,10 @@ class _Method:
     def check_available(cls) -> None:
         """Fail with a one-line error if something the method needs is missing (before any model loads)."""
 
+    @classmethod
+    def check_calibration(cls, options: Any, nsamples: int, seqlen: int) -> None:
+        """Fail with a one-line error if ``options`` do not suit windows of this count and length."""
+
 
 @dataclass
 class BlockResult:

@@ -80,18 +80,26 @@ class KDOptions:
                                              "--offload disk)")
     checkpointing: bool = setting(True, help="recompute each block's activations in the backward pass (less "
                                              "memory, about a third more time)")
+    gen_windows: int = setting(0, help="windows the dense model writes itself, before pruning, that the stage trains "
+                                       "on beside the calibration's training windows (0: none): each continues a "
+                                       "piece of a training window (--kd-gen-prefix tokens from a seeded offset), "
+                                       "sampled at temperature 1; the held-out windows stay the calibration's")
+    gen_prefix: int = setting(16, help="tokens of a training window each --kd-gen-windows window starts from, the "
+                                       "rest sampled (1 to --seqlen - 1)")
 
     def __post_init__(self) -> None:
         if self.block not in ("ebft", "none"):
             raise UsageError(f"--kd-block {self.block!r} is unknown; choose one of: ebft, none")
         self.block_lr_search = check_lr_search(self.block_lr_search, self.block_lr_trial_steps, "--kd-block-")
         check_finite(self.lr, "--kd-lr", "a positive number", low=0.0, low_open=True)
-        for value, flag in ((self.epochs, "--kd-epochs"), (self.top_k, "--kd-top-k")):
+        for value, flag in ((self.epochs, "--kd-epochs"), (self.top_k, "--kd-top-k"), (self.gen_prefix, "--kd-gen-prefix")):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UsageError(f"{flag} must be a positive whole number; got {value!r}")
         if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)
                                        or self.steps < 1):
             raise UsageError(f"--kd-steps must be a positive whole number; got {self.steps!r}")
+        if isinstance(self.gen_windows, bool) or not isinstance(self.gen_windows, int) or self.gen_windows < 0:
+            raise UsageError(f"--kd-gen-windows must be a whole number >= 0 (0: none); got {self.gen_windows!r}")
         check_finite(self.ce_weight, "--kd-ce-weight", ">= 0", low=0.0)
         check_finite(self.hidden_weight, "--kd-hidden-weight", ">= 0 (0: off)", low=0.0)
         if not isinstance(self.checkpointing, bool):
@@ -108,6 +116,12 @@ class KD(ModelFinetuner, Callback):
     def takes_windows(cls, options: Any) -> bool:
         return options.block == "ebft"  # the walk's EBFT tunes the windows
 
+    @classmethod
+    def check_calibration(cls, options: Any, nsamples: int, seqlen: int) -> None:
+        if options is not None and options.gen_windows and options.gen_prefix >= seqlen:
+            raise UsageError(f"--kd-gen-prefix {options.gen_prefix} leaves nothing to sample in windows of {seqlen} "
+                             f"tokens; give at most {seqlen - 1}")
+
     def __init__(self, config: Any, seed: int = 0, **option_values: Any) -> None:
         super().__init__(config, seed, **option_values)
         self.teacher: Reference | None = None
@@ -123,23 +137,44 @@ class KD(ModelFinetuner, Callback):
 
     def on_walk_start(self, walk: BlockWalk) -> None:
         """The dense model's compact next-token distribution on every calibration window (before any pruning)."""
+        ids = walk.calib_ids
+        if self.options.gen_windows:
+            ids = torch.cat([ids, self._generate(walk)])
         start = time.perf_counter()
         runner = BlockRunner(walk.model, walk.blocks, walk.device, walk.batch_size, block_kwargs=walk.block_kwargs)
         if not self.options.hidden_weight:
-            self.teacher = dense_reference(runner, walk.calib_ids, self.options.top_k)
+            self.teacher = dense_reference(runner, ids, self.options.top_k)
         else:  # block by block, keeping every block's outputs
-            hidden = runner.embed(walk.calib_ids)
+            hidden = runner.embed(ids)
             self.close()
             self._buffers = ActivationBuffers(walk.offload_dir, prefix="kd-teacher")
             self.teacher_hidden = self._buffers.new((len(walk.blocks), *hidden.shape), torch.bfloat16)
             for index in range(len(walk.blocks)):
                 self.teacher_hidden[index].copy_(runner.run(hidden, index, index + 1))
-            self.teacher = reference_from_hidden(runner, walk.calib_ids, hidden, self.options.top_k)
+            self.teacher = reference_from_hidden(runner, ids, hidden, self.options.top_k)
             logger.info("kd: the dense model's block outputs kept for the hidden-state loss: %.0f MiB (bf16, %s)",
                         self.teacher_hidden.numel() * 2 / 2**20,
                         "in RAM" if walk.offload_dir is None else f"memory-mapped in {walk.offload_dir}")
         logger.info("kd: the dense model's top-%d next tokens on %d windows recorded in %.1f s", self.options.top_k,
                     walk.calib_ids.shape[0], time.perf_counter() - start)
+
+    def _generate(self, walk: BlockWalk) -> torch.Tensor:
+        """``--kd-gen-windows`` windows of the calibration's length, sampled from the dense model: window j continues
+        ``--kd-gen-prefix`` tokens of training window j mod n_train from an offset drawn under the seed."""
+        from ebft.data.generate import GeneratedOptions, continue_windows
+
+        count, size = self.options.gen_windows, self.options.gen_prefix
+        n_train, seqlen = walk.n_train, walk.calib_ids.shape[1]
+        self.check_calibration(self.options, walk.calib_ids.shape[0], seqlen)
+        generator = torch.Generator().manual_seed(self.seed + 7919)  # apart from the calibration's own draws
+        offsets = torch.randint(0, seqlen - size + 1, (count,), generator=generator)
+        rows = torch.arange(count) % n_train
+        prefix = torch.stack([walk.calib_ids[r, o:o + size] for r, o in zip(rows.tolist(), offsets.tolist())])
+        draws = torch.rand(count, seqlen, generator=generator, dtype=torch.float64)
+        vocab = walk.model.get_input_embeddings().num_embeddings
+        with autocast_context(walk.device, self.config.precision if self.config.precision != "auto" else "fp32"):
+            return continue_windows(walk.model, prefix, draws, vocab, GeneratedOptions(batch_size=32), walk.device,
+                                    "kd windows")
 
     def close(self) -> None:
         """Free the dense block outputs (and their files)."""
@@ -150,7 +185,8 @@ class KD(ModelFinetuner, Callback):
 
     def tune_model(self, model: nn.Module, calib_ids: torch.Tensor, masks: Mapping[str, torch.Tensor],
                    device: torch.device) -> tuple[nn.Module, ModelResult]:
-        if self.teacher is None or not torch.equal(self.teacher.ids, calib_ids.cpu()):
+        nsamples = calib_ids.shape[0]
+        if self.teacher is None or not torch.equal(self.teacher.ids[:nsamples], calib_ids.cpu()):
             raise EbftError("kd: the teacher was not recorded on these windows before the walk")
         opts = self.options
         cfg = dataclasses.replace(self.config, lr=opts.lr, epochs=opts.epochs, steps=opts.steps)
@@ -168,6 +204,7 @@ class KD(ModelFinetuner, Callback):
         result = ModelResult("kd", "KL to the dense model",
                              details={"trainable_parameters": sum(p.numel() for p in trainable), "top_k": opts.top_k,
                                       "training_windows": n_train, "precision": precision,
+                                      "generated_windows": self.teacher.ids.shape[0] - nsamples,
                                       "hidden_weight": opts.hidden_weight})
         if opts.hidden_weight and (self.teacher_hidden is None or self.teacher_hidden.shape[0] != len(blocks)):
             raise EbftError("kd: the dense model's block outputs were not recorded before the walk")
@@ -179,7 +216,8 @@ class KD(ModelFinetuner, Callback):
         model.requires_grad_(False)
         model.to(device)
         device_masks = {name: mask.to(device) for name, mask in param_masks.items()}
-        train_rows, held_rows = torch.arange(n_train), torch.arange(n_train, calib_ids.shape[0])
+        train_rows = torch.cat([torch.arange(n_train), torch.arange(nsamples, self.teacher.ids.shape[0])])
+        held_rows = torch.arange(n_train, nsamples)
         result.init_loss = self._kl(model, train_rows, device, cfg.batch_size)
         held_before = self._kl(model, held_rows, device, cfg.batch_size) if len(held_rows) else None
         saved = {name: p.detach().clone() for name, p in params.items()} if held_before is not None else None
@@ -208,12 +246,13 @@ class KD(ModelFinetuner, Callback):
             for name, mask in device_masks.items():
                 params[name].mul_(mask)
 
-        epochs = planned_steps(cfg, n_train)[2]
+        n_fit = len(train_rows)  # the calibration's training windows, then any the dense model wrote
+        epochs = planned_steps(cfg, n_fit)[2]
         for p in trainable:
             p.requires_grad_(True)
         try:
             with _training(model, opts.checkpointing), record_outputs(recorded, outputs.__setitem__):
-                train_steps(trainable, cfg, device, precision, n_train, self.seed, step_loss, result, desc="kd",
+                train_steps(trainable, cfg, device, precision, n_fit, self.seed, step_loss, result, desc="kd",
                             on_grads=mask_grads, after_step=reapply_masks, dist=self.dist,
                             on_epoch_end=lambda epoch, loss: _log_epoch(epoch, epochs, loss))
         finally:
