@@ -193,3 +193,18 @@ def test_bad_kd_gen_settings_are_refused(flags: tuple[str, ...], message: str, r
     assert main(resume_setup.argv(tmp_path / "x", "--finetune", "kd", *flags)) == 2
     one_line_error(capsys.readouterr().err, message)
     assert not (tmp_path / "x").exists()
+
+
+def test_the_extra_windows_are_sampled_in_batches_whose_kv_cache_fits_a_gib() -> None:
+    from types import SimpleNamespace
+
+    from ebft.finetune.kd import _gen_batch
+
+    smollm2 = SimpleNamespace(num_attention_heads=9, hidden_size=576, num_key_value_heads=3, num_hidden_layers=30,
+                              head_dim=64)
+    llama7b = SimpleNamespace(num_attention_heads=32, hidden_size=4096, num_key_value_heads=None,
+                              num_hidden_layers=32)  # head_dim from the width, keys and values for every head
+    # a window's cache: 2 (keys, values) x layers x kv heads x head dim x tokens x 2 bytes
+    assert _gen_batch(smollm2, 256) == 128  # 2**30 // (2*30*3*64*256*2) = 182, capped at 128
+    assert _gen_batch(llama7b, 1024) == 2  # 2**30 // (2*32*32*128*1024*2) = 2
+    assert _gen_batch(llama7b, 4096) == 1  # at least one

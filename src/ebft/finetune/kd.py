@@ -173,8 +173,8 @@ class KD(ModelFinetuner, Callback):
         draws = torch.rand(count, seqlen, generator=generator, dtype=torch.float64)
         vocab = walk.model.get_input_embeddings().num_embeddings
         with autocast_context(walk.device, self.config.precision if self.config.precision != "auto" else "fp32"):
-            return continue_windows(walk.model, prefix, draws, vocab, GeneratedOptions(batch_size=32), walk.device,
-                                    "kd windows")
+            return continue_windows(walk.model, prefix, draws, vocab, GeneratedOptions(batch_size=_gen_batch(
+                walk.model.config, seqlen)), walk.device, "kd windows")
 
     def close(self) -> None:
         """Free the dense block outputs (and their files)."""
@@ -289,6 +289,21 @@ class KD(ModelFinetuner, Callback):
             kl, _ = kl_and_ce(logits, self.teacher, chunk)  # type: ignore[arg-type]
             total, count = total + float(kl.double().sum()), count + kl.numel()
         return total / count
+
+
+#: the KV cache the extra windows are sampled with may take about this much memory (bf16), in batches of at most 128
+_GEN_CACHE_BYTES = 2**30
+
+
+def _gen_batch(config: Any, seqlen: int) -> int:
+    """Windows sampled together: as many as keep their KV cache (every layer's keys and values over ``seqlen``
+    tokens, 2 bytes each) within :data:`_GEN_CACHE_BYTES`, between 1 and 128 (larger batches amortise each
+    step's fixed costs)."""
+    heads = getattr(config, "num_attention_heads", 1)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    per_window = 2 * config.num_hidden_layers * kv * head_dim * seqlen * 2
+    return max(1, min(128, _GEN_CACHE_BYTES // per_window))
 
 
 def hidden_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
