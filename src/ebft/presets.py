@@ -41,9 +41,12 @@ PRESETS["best-block"] = Preset(
     "towards the dense model's own activations (--block-targets dense)",
     {"finetune": "ebft", **_BLOCKS, "ebft_lr_search": _LR_FACTORS, "block_targets": "dense"})
 PRESETS["best"] = Preset(
-    "the best recipe found: best-block's walk, then the whole model distilled from the dense model's next-token "
-    "distribution (--finetune kd, lr 1e-4, 2 epochs; needs the whole model with its gradients in memory)",
-    {"finetune": "kd", **_BLOCKS, "kd_block_lr_search": _LR_FACTORS, "kd_lr": 1e-4, "kd_epochs": 2})
+    "the best recipe found: best-block's walk (towards the repaired stream's dense outputs), then the whole model "
+    "distilled from the dense model's next-token distribution on the training windows and 192 more that the dense "
+    "model writes (--finetune kd, lr 1e-4, 2 epochs, --kd-gen-windows 192; needs the whole model with its "
+    "gradients in memory)",
+    {"finetune": "kd", **_BLOCKS, "kd_block_lr_search": _LR_FACTORS, "kd_lr": 1e-4, "kd_epochs": 2,
+     "kd_gen_windows": 192})
 
 #: Settings that exclude each other: a preset's value is dropped when the other is given.
 _EXCLUDES = {"steps": ("epochs",), "epochs": ("steps",)}

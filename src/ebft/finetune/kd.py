@@ -156,7 +156,7 @@ class KD(ModelFinetuner, Callback):
                         self.teacher_hidden.numel() * 2 / 2**20,
                         "in RAM" if walk.offload_dir is None else f"memory-mapped in {walk.offload_dir}")
         logger.info("kd: the dense model's top-%d next tokens on %d windows recorded in %.1f s", self.options.top_k,
-                    walk.calib_ids.shape[0], time.perf_counter() - start)
+                    ids.shape[0], time.perf_counter() - start)
 
     def _generate(self, walk: BlockWalk) -> torch.Tensor:
         """``--kd-gen-windows`` windows of the calibration's length, sampled from the dense model: window j continues
