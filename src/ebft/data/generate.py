@@ -183,7 +183,7 @@ def generate_windows(model: nn.Module, tokenizer: Any, nsamples: int, seqlen: in
     draws = sampling_draws(nsamples, seqlen, seed)
     vocab = min(len(tokenizer), model.get_input_embeddings().num_embeddings)
     first = start_tokens(tokenizer, vocab, draws[:, 0])
-    return continue_windows(model, first[:, None], draws, vocab, options, device, "calibration")
+    return continue_windows(model, first[:, None], draws, vocab, options, device, f"calibration (seed {seed})")
 
 
 def continue_windows(model: nn.Module, prefix: torch.Tensor, draws: torch.Tensor, vocab: int,

@@ -17,6 +17,11 @@ distribution on the calibration windows:
   the learning rate ``--kd-lr`` over ``--kd-epochs`` passes (or ``--kd-steps`` steps) and the common
   warm-up, decay, clipping, batch size and precision. Gradients of pruned weights are zeroed and the
   masks re-applied after every step: a pruned weight is exactly 0.0 throughout;
+- **windows the dense model writes** (``--kd-gen-windows N``, 0 by default): before pruning, the dense
+  model continues ``--kd-gen-prefix`` consecutive tokens of training window j (mod their count, from an
+  offset drawn under the seed) at temperature 1, for j < N; the teacher is recorded on these too and the
+  stage trains on them beside the training windows, so that it has more than the calibration's few
+  windows to match the dense model on (the held-out windows stay the calibration's own);
 - **activation checkpointing** (``--kd-checkpointing``, on) recomputes each block's activations in the
   backward pass, so that memory holds one block's activations at a time besides the model, its
   gradients and the optimizer's two moments;
@@ -92,7 +97,8 @@ class KDOptions:
             raise UsageError(f"--kd-block {self.block!r} is unknown; choose one of: ebft, none")
         self.block_lr_search = check_lr_search(self.block_lr_search, self.block_lr_trial_steps, "--kd-block-")
         check_finite(self.lr, "--kd-lr", "a positive number", low=0.0, low_open=True)
-        for value, flag in ((self.epochs, "--kd-epochs"), (self.top_k, "--kd-top-k"), (self.gen_prefix, "--kd-gen-prefix")):
+        for value, flag in ((self.epochs, "--kd-epochs"), (self.top_k, "--kd-top-k"),
+                            (self.gen_prefix, "--kd-gen-prefix")):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UsageError(f"{flag} must be a positive whole number; got {value!r}")
         if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)
