@@ -19,6 +19,15 @@ def _report(out: Path) -> dict:
     return json.loads((out / "report.json").read_text())
 
 
+def _assert_other_weights_same_masks(plain: Path, other: Path) -> None:
+    """The run ``other`` saved other weights than ``plain``, with the same masks: every pruned weight 0.0 in both."""
+    a, b = (load_file(str(p / "model" / "model.safetensors")) for p in (plain, other))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    for key, weight in b.items():
+        if key.endswith("proj.weight"):
+            assert torch.equal(weight == 0, a[key] == 0), key
+
+
 def test_kd_after_ebft_lowers_the_kl_and_keeps_every_pruned_weight_zero(resume_setup, tmp_path: Path) -> None:
     ebft, kd = tmp_path / "ebft", tmp_path / "kd"
     assert main(resume_setup.argv(ebft, *WINDOWS)) == 0
@@ -114,11 +123,7 @@ def test_kd_hidden_weight_keeps_the_dense_block_outputs_and_trains_towards_them(
     stage = _report(hidden)["model_stage"]
     assert stage["details"]["hidden_weight"] == 1.0 and stage["restored"] is None
     assert stage["details"]["holdout_kl_after"] < stage["details"]["holdout_kl_before"]
-    a, b = (load_file(str(p / "model" / "model.safetensors")) for p in (plain, hidden))
-    assert any(not torch.equal(a[k], b[k]) for k in a)
-    for key, weight in b.items():
-        if key.endswith("proj.weight"):
-            assert torch.equal(weight == 0, a[key] == 0), key
+    _assert_other_weights_same_masks(plain, hidden)
     assert not list(tmp_path.rglob("kd-teacher-*"))
 
 
@@ -171,11 +176,7 @@ def test_kd_gen_windows_continue_pieces_of_the_training_windows(resume_setup, tm
     assert stage["details"]["training_windows"] == 28
     assert stage["steps"] == 3 * 17 and without["steps"] == 3 * 14  # batch 2: 34 windows against 28
     assert stage["details"]["holdout_kl_after"] < stage["details"]["holdout_kl_before"]
-    a, b = (load_file(str(p / "model" / "model.safetensors")) for p in (plain, first))
-    assert any(not torch.equal(a[k], b[k]) for k in a)
-    for key, weight in b.items():
-        if key.endswith("proj.weight"):
-            assert torch.equal(weight == 0, a[key] == 0), key
+    _assert_other_weights_same_masks(plain, first)
 
 
 def test_kd_gen_windows_resume_bitwise(resume_setup, tmp_path: Path, assert_resumes_bitwise) -> None:
