@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     # auto as the walk resolves it: measured on this block's GEMM shapes at one training batch
     precision_choice = describe_precision(args.precision, device, block_shapes(blocks.blocks[index]), bs * seqlen)
     precision = precision_choice.precision
+    args.precision = precision  # decided once, as `ebft prune` does: the tuner (and the profile) must not time it again
 
     # real inputs of block `index`: the calibration windows through the dense blocks before it
     calib = calibration_windows(tokenizer, args.calib, bs, seqlen, seed=0)
