@@ -3,13 +3,17 @@
     python experiments/study_best_table.py                              # runs/study_best_rows
     python experiments/study_best_table.py --config study_best.yaml     # the whole study, once it has run
     python experiments/study_best_table.py --config study_best_seeds.yaml
+    python experiments/study_best_table.py --zeroshot                   # runs/study_best_zeroshot
 
 One line per (pruner, sparsity, method) cell: perplexity on WikiText-2 test, WikiText-2 validation and the
 C4 validation sample, the share of the pruning gap closed in cross-entropy on each,
 ln(ppl_pruned / ppl_repaired) / ln(ppl_pruned / ppl_dense), against the same sweep's pruning-alone cell of
 that row and seed, and the cell's wall seconds, CPU seconds and peak memory. A gap needs the row's
 pruning-alone cell under the same seed: without it the column shows a dash. Where a method finished under
-two seeds or more, a second table gives its mean, spread and mean gap over them.
+two seeds or more, a second table gives its mean, spread and mean gap over them. ``--zeroshot`` prints the
+zero-shot study's table instead (``study_best_zeroshot.yaml``: each task's accuracy with its standard error,
+the mean and the mean's standard error, for the dense model and Wanda 50% / 2:4 alone, with LoRA and with
+``--preset best``).
 """
 
 from __future__ import annotations
@@ -20,13 +24,15 @@ import statistics
 import sys
 from pathlib import Path
 
-from study_tables import label, table
+from study_tables import label, table, zeroshot_table
 
 from ebft.presets import PRESETS
 from ebft.sweep import load_sweep, read_cell
 
 SOURCES = ("wikitext2:test", "wikitext2:validation", "c4")
 EXPERIMENTS = Path(__file__).resolve().parent
+#: the zero-shot study's methods, as its cells record them, and their labels
+ZEROSHOT_METHODS = (("none", ""), ("lora", " + LoRA"), ("kd", " + `--preset best`"))
 
 
 def gap_closed(pruned: float, repaired: float, dense: float) -> float:
@@ -72,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="study_best_rows.yaml", help="a sweep config under experiments/")
     p.add_argument("--runs", type=Path, default=Path("runs"), help="the folder holding the sweeps' outputs")
+    p.add_argument("--zeroshot", action="store_true", help="the zero-shot study's table (study_best_zeroshot.yaml)")
     args = p.parse_args(argv)
+    if args.zeroshot:
+        print(zeroshot_table(args.runs, "study_best_zeroshot.yaml", ZEROSHOT_METHODS, with_stderr=True))
+        return 0
     sweep = load_sweep(EXPERIMENTS / args.config, out=args.runs / Path(args.config).stem)
     dense = read_cell(sweep.cell_path(sweep.dense_id(sweep.models[0])))
     if dense is None:

@@ -86,27 +86,36 @@ def calib_table(runs: Path) -> str:
     return table(["windows of 256 tokens"] + [str(n) for n in sizes], rows)
 
 
-def zeroshot_table(runs: Path) -> str:
-    zs = records("study_zeroshot.yaml", runs)
+#: the zero-shot study's methods: (finetune as a cell records it, the label after the pruned row's name)
+ZEROSHOT_METHODS = (("none", ""), ("ebft", " + EBFT"))
+TASKS = ("boolq", "rte", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "piqa")
+
+
+def zeroshot_table(runs: Path, config: str = "study_zeroshot.yaml",
+                   methods: tuple[tuple[str, str], ...] = ZEROSHOT_METHODS, with_stderr: bool = False) -> str:
+    """Accuracy per task, the mean and its standard error, for the dense model and Wanda 50% / 2:4 under each
+    method; ``with_stderr`` writes each task's standard error beside its accuracy."""
+    zs = records(config, runs)
     entries = [("dense", zs.get(("dense",)))]
     for sparsity in (0.5, "2:4"):
-        for method in ("none", "ebft"):
-            entries.append((f"Wanda {label(sparsity)}" + (" + EBFT" if method == "ebft" else ""),
-                            zs.get(("wanda", sparsity, method, 64))))
-    tasks = ["boolq", "rte", "winogrande", "arc_easy", "arc_challenge", "openbookqa", "piqa"]
+        for method, suffix in methods:
+            entries.append((f"Wanda {label(sparsity)}{suffix}", zs.get(("wanda", sparsity, method, 64))))
     rows = []
     for name, record in entries:
         result = record.zeroshot if record else None
         if result is None:
-            rows.append([name, "—"] + ["—"] * (len(tasks) + 3))
+            rows.append([name, "—"] + ["—"] * (len(TASKS) + 3))
             continue
-        accs = [result["tasks"][t]["acc"] if t in result["tasks"] else None for t in tasks]
+        found = [result["tasks"].get(t) for t in TASKS]
+        accs = [r and r["acc"] for r in found]
         stderr = mean_acc_stderr(result["tasks"])
-        no_boolq = [a for t, a in zip(tasks, accs) if t != "boolq" and a is not None]
-        rows.append([name, num(ppl(record))] + [num(a and 100 * a, 1) for a in accs] +
+        no_boolq = [a for t, a in zip(TASKS, accs) if t != "boolq" and a is not None]
+        cells = [num(r and 100 * r["acc"], 1) + (f" ± {100 * r['acc_stderr']:.1f}" if with_stderr and r else "")
+                 for r in found]
+        rows.append([name, num(ppl(record))] + cells +
                     [f"**{100 * result['mean_acc']:.2f}**", num(stderr and 100 * stderr),
                      f"{100 * sum(no_boolq) / len(no_boolq):.2f}"])
-    return table(["model", "WikiText-2"] + tasks + ["mean", "s.e.", "mean without boolq"], rows)
+    return table(["model", "WikiText-2"] + list(TASKS) + ["mean", "s.e.", "mean without boolq"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:

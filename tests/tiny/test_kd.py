@@ -209,3 +209,12 @@ def test_the_extra_windows_are_sampled_in_batches_whose_kv_cache_fits_a_gib() ->
     assert _gen_batch(smollm2, 256) == 128  # 2**30 // (2*30*3*64*256*2) = 182, capped at 128
     assert _gen_batch(llama7b, 1024) == 2  # 2**30 // (2*32*32*128*1024*2) = 2
     assert _gen_batch(llama7b, 4096) == 1  # at least one
+
+
+def test_activation_checkpointing_changes_no_weight(resume_setup, tmp_path: Path) -> None:
+    """Recomputing each block's activations in the backward pass gives the same gradients, so the same bytes."""
+    on, off = tmp_path / "on", tmp_path / "off"
+    assert main(resume_setup.argv(on, *KD, "--kd-checkpointing")) == 0
+    assert main(resume_setup.argv(off, *KD, "--no-kd-checkpointing")) == 0
+    assert _report(on)["model_stage"]["final_loss"] < _report(on)["model_stage"]["init_loss"]
+    assert (on / "model" / "model.safetensors").read_bytes() == (off / "model" / "model.safetensors").read_bytes()
