@@ -17,7 +17,7 @@ from typing import Any
 import ebft
 from ebft.page import budget_label
 from ebft.results import RunReport
-from ebft.settings import all_settings, flat_values, plain, show
+from ebft.settings import all_settings, flat_values, options_label, plain, show
 
 __all__ = ["command_line", "model_card"]
 
@@ -108,9 +108,9 @@ def model_card(report: RunReport) -> str:
         settings = (f"{budget_label(finetune)}, "
                     f"precision {report.precision or finetune['precision']}, held-out fraction "
                     f"{finetune['holdout_fraction']:g}")
-        options = finetune.get("options") or {}
+        options = options_label(cfg)
         if options:
-            settings += ", " + ", ".join(f"{k} {v}" for k, v in options.items())
+            settings += ", " + options
         preset = f", preset `{finetune['preset']}`" if finetune.get("preset") else ""
         lines.append(f"- **Repair:** {method}{preset} ({settings}).")
     sampled = calib.get("options") if calib["source"] == "generated" else None

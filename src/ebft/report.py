@@ -19,6 +19,7 @@ from ebft.finetune.base import ModelResult
 from ebft.fsio import write_text
 from ebft.page import Page, budget_label, fmt, fmt_loss, sparsity_label
 from ebft.results import RunReport
+from ebft.settings import options_label
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +81,9 @@ def build_page(report: RunReport, images: dict[str, str]) -> Page:
         ["calibration", f"`{cfg['calib']['source']}`, {cfg['calib']['nsamples']} windows x {cfg['calib']['seqlen']} "
                         f"tokens, seed {cfg['calib']['seed']}"],
         ["fine-tuning", ft["method"] if not tuned else
-         f"{ft['method']}: {budget_label(ft)}, "
-         f"held-out fraction {ft['holdout_fraction']:g}" + (f", patience {ft['patience']}" if ft.get("patience") else "")],
+         f"{ft['method']}" + (f" (preset `{ft['preset']}`)" if ft.get("preset") else "") + f": {budget_label(ft)}, "
+         f"held-out fraction {ft['holdout_fraction']:g}" + (f", patience {ft['patience']}" if ft.get("patience") else "")
+         + (f"; {options}" if (options := options_label(cfg)) else "")],
         ["evaluation", ", ".join(f"`{s}`" for s in cfg["eval"]["sources"]) + f"; windows of {cfg['eval']['seqlen']}"
                        + (f", first {cfg['eval']['max_windows']}" if cfg["eval"].get("max_windows") else "")
          if cfg["eval"]["sources"] else "none"],

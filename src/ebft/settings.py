@@ -254,6 +254,16 @@ def config_diff(old: Any, new: Any) -> str | None:
     return None
 
 
+def options_label(config: Any, selector: str = "finetune") -> str:
+    """The selected method's options that differ from their defaults, as the flags that give them, e.g.
+    ``--kd-lr 0.0001, --kd-epochs 2`` (``config``: a RunConfig or its ``to_dict()``); empty if none do."""
+    settings = all_settings()
+    method = _get(config, settings[selector].path)
+    return ", ".join(f"{s.flag} {show(s, value)}" for s in settings.values()
+                     if s.owner == (selector, method)
+                     and plain(value := _get(config, s.path)) != plain(s.default))
+
+
 def _shown(s: Setting, values: dict[str, Any], key: str) -> str:
     if key not in values:
         return "<unset>"

@@ -10,7 +10,8 @@ import pytest
 from ebft.cli import _run_config, build_parser
 from ebft.config import FinetuneConfig, PruneConfig, RunConfig
 from ebft.errors import UsageError
-from ebft.settings import all_settings, build_run_config, config_diff, fields_settings, flat_values, plain, settings_doc
+from ebft.settings import (all_settings, build_run_config, config_diff, fields_settings, flat_values, options_label, plain,
+                           settings_doc)
 from ebft.sweep.schema import fixed_keys, run_keys
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "settings.md"
@@ -73,6 +74,18 @@ def test_flags_reach_the_config_and_flat_values_read_them_back() -> None:
 def test_conflicting_flags_are_refused(flags: tuple[str, ...], message: str) -> None:
     with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
         _cli(*flags)
+
+
+def test_options_label_names_the_options_that_differ_from_their_defaults_as_flags() -> None:
+    cfg = build_run_config({"finetune": "kd", "kd_lr": 1e-4, "kd_epochs": 2, "kd_block_lr_search": (4.0, 0.25),
+                            "kd_top_k": 64, "lr": 1e-3}, model="m")
+    # the stage's own rate beside the walk's, each under its flag; kd_top_k is at its default, the common lr is
+    # not an option
+    assert options_label(cfg) == "--kd-block-lr-search 4,0.25, --kd-lr 0.0001, --kd-epochs 2"
+    assert options_label(cfg.to_dict()) == options_label(cfg)
+    assert options_label(build_run_config({"finetune": "ebft"}, model="m")) == ""
+    assert options_label(build_run_config({"pruner": "sparsegpt", "percdamp": 0.1}, model="m"), "pruner") == \
+        "--percdamp 0.1"
 
 
 def test_config_diff_names_the_flag() -> None:

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from ebft.cli import main
+from ebft.report import render_report
 
 WINDOWS = ("--nsamples", "32", "--precision", "fp32")  # 4 held out
 KD = (*WINDOWS, "--finetune", "kd", "--kd-lr", "3e-4", "--kd-epochs", "3")
@@ -48,6 +49,10 @@ def test_kd_after_ebft_lowers_the_kl_and_keeps_every_pruned_weight_zero(resume_s
         elif not key.startswith("model.layers."):
             assert torch.equal(weight, before[key]), key  # embeddings, final norm and head stay
     assert changed == 28  # every linear of the 4 blocks moved
+    render_report(kd)  # the report page and the model card name the stage's own settings by their flags
+    row = next(line for line in (kd / "report.md").read_text().splitlines() if line.startswith("| fine-tuning |"))
+    assert row.endswith("; --kd-lr 0.0003, --kd-epochs 3 |")
+    assert "--kd-lr 0.0003, --kd-epochs 3)." in (kd / "model" / "README.md").read_text()
 
 
 def test_kd_that_does_not_help_held_out_gives_the_walks_weights_back(resume_setup, tmp_path: Path) -> None:

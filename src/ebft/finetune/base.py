@@ -210,10 +210,16 @@ class ModelResult:
 
     def summary(self) -> str:
         """One line for the console and the report page."""
-        extra = "".join(f", {k.replace('_', ' ')} {v}" for k, v in self.details.items() if not isinstance(v, dict))
+        extra = "".join(f", {k.replace('_', ' ')} {_figure(v)}" for k, v in self.details.items()
+                        if not isinstance(v, dict))
         tail = f"; {self.restored}" if self.restored else ""
         return (f"{self.method}: {self.steps} steps{extra}, {self.loss} {self.init_loss:.4f} -> "
                 f"{self.final_loss:.4f}{tail}")
+
+
+def _figure(value: Any) -> str:
+    """A detail as the summary shows it: floats to four significant digits."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 class ModelFinetuner(_Method):
