@@ -395,6 +395,7 @@ def run_prune(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer: tupl
     check_nm_divisible(find_blocks(model), cfg.prune.nm)
     tuner = make_finetuner(cfg.finetune, seed=cfg.calib.seed)
     if isinstance(tuner, ModelFinetuner):
+        tuner.vocab = min(len(tokenizer), model.get_input_embeddings().num_embeddings)
         tuner.check(model)
     timings["load"] = time.perf_counter() - t0 - checked.seconds  # loading the weights alone
     calib, eval_windows = windows if windows is not None else (checked.calib, checked.eval_windows)

@@ -184,6 +184,17 @@ def test_kd_gen_windows_continue_pieces_of_the_training_windows(resume_setup, tm
     _assert_other_weights_same_masks(plain, first)
 
 
+def test_kd_gen_windows_never_draw_a_padded_embedding_row(resume_setup, tmp_path: Path) -> None:
+    """A model whose embedding has rows past its tokenizer's ids (as Qwen2.5's has) writes windows of known ids
+    only: the padded rows' tokens would mean nothing to the tokenizer, and a random model draws them often."""
+    from tests.conftest import BYTE_VOCAB, PruneSetup, _save_tiny
+
+    padded = PruneSetup(_save_tiny(tmp_path / "padded", num_hidden_layers=2, vocab_size=BYTE_VOCAB + 62),
+                        resume_setup.text_file, resume_setup.flags)
+    ids = _teacher_ids(padded.argv(tmp_path / "gen", *GEN, "--no-model-guard"))
+    assert ids.shape[0] == 32 + 6 and int(ids.max()) < BYTE_VOCAB
+
+
 def test_kd_gen_windows_resume_bitwise(resume_setup, tmp_path: Path, assert_resumes_bitwise) -> None:
     assert_resumes_bitwise(resume_setup, tmp_path, GEN, stop_after=1)
 

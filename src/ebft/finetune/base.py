@@ -228,6 +228,9 @@ class ModelFinetuner(_Method):
     kind = "model"
     #: whether the stage changes only the decoder blocks (then the model guard may judge it block by block)
     changes_only_blocks = False
+    #: the ids the tokenizer knows, set by the runner before the walk (a model's embeddings may be padded past
+    #: them); None: every embedding row
+    vocab: int | None = None
 
     def check(self, model: nn.Module) -> None:
         """Everything about ``model`` that can fail before pruning starts."""

@@ -177,7 +177,7 @@ class KD(ModelFinetuner, Callback):
         rows = torch.arange(count) % n_train
         prefix = torch.stack([walk.calib_ids[r, o:o + size] for r, o in zip(rows.tolist(), offsets.tolist())])
         draws = torch.rand(count, seqlen, generator=generator, dtype=torch.float64)
-        vocab = walk.model.get_input_embeddings().num_embeddings
+        vocab = self.vocab or walk.model.get_input_embeddings().num_embeddings  # never a padded embedding row
         with autocast_context(walk.device, self.config.precision if self.config.precision != "auto" else "fp32"):
             return continue_windows(walk.model, prefix, draws, vocab, GeneratedOptions(batch_size=_gen_batch(
                 walk.model.config, seqlen)), walk.device, "kd windows")
