@@ -444,6 +444,8 @@ def run_prune(cfg: RunConfig, overwrite: bool = False, model_and_tokenizer: tupl
         guard = ModelGuard(checkpoint.folder / "guard" if checkpoint is not None else None,
                            dense_state=store.checkpoint_state if store is not None else None,
                            final_state=checkpoint.block_state if store is not None else None)
+    if isinstance(tuner, ModelFinetuner) and checkpoint is not None and (dist is None or dist.is_main):
+        tuner.work_folder = checkpoint.folder  # what the stage samples before the walk, kept for --resume
     walk_callbacks = [*([guard] if guard is not None else []),  # before the checkpoint's: it sees the dense model
                       *([tuner] if isinstance(tuner, Callback) else []),  # a stage's teacher, from the dense model
                       *([CheckpointCallback(checkpoint, load_weights=store is None)] if checkpoint is not None

@@ -195,8 +195,45 @@ def test_kd_gen_windows_never_draw_a_padded_embedding_row(resume_setup, tmp_path
     assert ids.shape[0] == 32 + 6 and int(ids.max()) < BYTE_VOCAB
 
 
-def test_kd_gen_windows_resume_bitwise(resume_setup, tmp_path: Path, assert_resumes_bitwise) -> None:
-    assert_resumes_bitwise(resume_setup, tmp_path, GEN, stop_after=1)
+def test_kd_gen_windows_are_kept_for_resume_which_reads_them_back_bitwise(
+        resume_setup, tmp_path: Path, interrupt_after, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run stopped after block 1 keeps its written windows in the work folder; --resume reads them back (sampling
+    again would fail here) and gives the uninterrupted run's model, byte for byte; the file goes with the folder."""
+    import ebft.data.generate
+    from ebft.checkpoint import work_dir
+    from ebft.finetune.kd import WRITTEN_NAME
+
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    written = _teacher_ids(resume_setup.argv(whole, *GEN))[32:]
+    with interrupt_after(1):
+        assert main(resume_setup.argv(broken, *GEN)) == 130
+    assert torch.equal(load_file(str(work_dir(broken) / WRITTEN_NAME))["ids"], written)
+    monkeypatch.setattr(ebft.data.generate, "continue_windows", lambda *a, **k: pytest.fail("resume samples again"))
+    assert main(resume_setup.argv(broken, *GEN, "--resume")) == 0
+    assert (broken / "model" / "model.safetensors").read_bytes() == (whole / "model" / "model.safetensors").read_bytes()
+    assert not work_dir(broken).exists()
+
+
+def test_kd_gen_windows_of_other_settings_are_refused_on_resume(resume_setup, tmp_path: Path, interrupt_after,
+                                                                capsys: pytest.CaptureFixture[str],
+                                                                one_line_error) -> None:
+    """A work folder whose kept windows do not match the run (a file left from elsewhere) is one line, not a
+    silent mix of windows."""
+    from ebft.checkpoint import work_dir
+    from ebft.data.generate import write_cache
+    from ebft.finetune.kd import WRITTEN_NAME
+
+    broken = tmp_path / "broken"
+    with interrupt_after(1):
+        assert main(resume_setup.argv(broken, *GEN)) == 130
+    path = work_dir(broken) / WRITTEN_NAME
+    write_cache(path, torch.zeros(6, 32, dtype=torch.long), {"format": 1, "nsamples": 6, "seqlen": 32, "prefix": 8,
+                                                             "seed": 0})
+    capsys.readouterr()
+    assert main(resume_setup.argv(broken, *GEN, "--resume")) == 2
+    one_line_error(capsys.readouterr().err, f"--resume: {path} holds windows the dense model wrote for the "
+                                            "distillation stage sampled with other settings (--kd-gen-prefix was 8, "
+                                            "now 4); pass --overwrite to start over")
 
 
 @pytest.mark.parametrize(("flags", "message"), [

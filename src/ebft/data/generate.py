@@ -231,9 +231,12 @@ def write_cache(path: Path, ids: torch.Tensor, settings: dict[str, Any]) -> None
     atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata={"settings": json.dumps(settings)}))
 
 
-def read_cache(path: Path, settings: dict[str, Any]) -> torch.Tensor:
-    """The windows cached in ``path``; a one-line error if the file is unreadable or holds windows sampled with other
-    ``settings``."""
+def read_cache(path: Path, settings: dict[str, Any], what: str = "calibration windows",
+               flags: dict[str, str] | None = None) -> torch.Tensor:
+    """The ``[settings["nsamples"], settings["seqlen"]]`` windows cached in ``path``; a one-line error if the file is
+    unreadable or holds windows sampled with other ``settings`` (``what`` they are and ``flags``, the flag that sets
+    each setting, word it)."""
+    flags = _FLAGS if flags is None else flags
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -242,17 +245,17 @@ def read_cache(path: Path, settings: dict[str, Any]) -> torch.Tensor:
             ids = f.get_tensor("ids")
     except (OSError, ValueError, SafetensorError) as exc:
         detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise EbftError(f"--resume: the sampled calibration windows in {path} are not readable ({detail}); pass "
-                        "--overwrite to start over") from None
+        raise EbftError(f"--resume: the sampled {what} in {path} are not readable ({detail}); pass --overwrite "
+                        "to start over") from None
     stored = stored if isinstance(stored, dict) else {}
     for key, value in settings.items():
         if stored.get(key) != value:
             was = repr(stored[key]) if key in stored else "<unset>"
-            raise UsageError(f"--resume: {path} holds calibration windows sampled with other settings ({_FLAGS[key]} "
+            raise UsageError(f"--resume: {path} holds {what} sampled with other settings ({flags.get(key, key)} "
                              f"was {was}, now {value!r}); pass --overwrite to start over")
     if tuple(ids.shape) != (settings["nsamples"], settings["seqlen"]) or ids.dtype != torch.int64:
         raise EbftError(f"--resume: {path} holds {list(ids.shape)} windows, not {settings['nsamples']} of "
                         f"{settings['seqlen']} tokens; pass --overwrite to start over")
-    logger.info("calibration: %d windows of %d tokens read back from %s (sampled when the run started)",
-                ids.shape[0], ids.shape[1], path)
+    logger.info("%s: %d windows of %d tokens read back from %s (sampled when the run started)", what, ids.shape[0],
+                ids.shape[1], path)
     return ids

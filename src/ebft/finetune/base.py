@@ -16,6 +16,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -231,6 +232,8 @@ class ModelFinetuner(_Method):
     #: the ids the tokenizer knows, set by the runner before the walk (a model's embeddings may be padded past
     #: them); None: every embedding row
     vocab: int | None = None
+    #: the run's work folder (where ``--resume`` finds what the stage keeps), set by the runner; None: no --out
+    work_folder: Path | None = None
 
     def check(self, model: nn.Module) -> None:
         """Everything about ``model`` that can fail before pruning starts."""

@@ -21,7 +21,8 @@ distribution on the calibration windows:
   model continues ``--kd-gen-prefix`` consecutive tokens of training window j (mod their count, from an
   offset drawn under the seed) at temperature 1, for j < N; the teacher is recorded on these too and the
   stage trains on them beside the training windows, so that it has more than the calibration's few
-  windows to match the dense model on (the held-out windows stay the calibration's own);
+  windows to match the dense model on (the held-out windows stay the calibration's own); a run with ``--out``
+  keeps them in its work folder, so that ``--resume`` reads them back instead of sampling again;
 - **activation checkpointing** (``--kd-checkpointing``, on) recomputes each block's activations in the
   backward pass, so that memory holds one block's activations at a time besides the model, its
   gradients and the optimizer's two moments;
@@ -145,7 +146,7 @@ class KD(ModelFinetuner, Callback):
         """The dense model's compact next-token distribution on every calibration window (before any pruning)."""
         ids = walk.calib_ids
         if self.options.gen_windows:
-            ids = torch.cat([ids, self._generate(walk)])
+            ids = torch.cat([ids, self._written(walk)])
         start = time.perf_counter()
         runner = BlockRunner(walk.model, walk.blocks, walk.device, walk.batch_size, block_kwargs=walk.block_kwargs)
         if not self.options.hidden_weight:
@@ -163,6 +164,22 @@ class KD(ModelFinetuner, Callback):
                         "in RAM" if walk.offload_dir is None else f"memory-mapped in {walk.offload_dir}")
         logger.info("kd: the dense model's top-%d next tokens on %d windows recorded in %.1f s", self.options.top_k,
                     ids.shape[0], time.perf_counter() - start)
+
+    def _written(self, walk: BlockWalk) -> torch.Tensor:
+        """The ``--kd-gen-windows`` windows: read back from the run's work folder when an earlier start of this run
+        sampled them (``--resume``), else sampled now and kept there."""
+        from ebft.data.generate import read_cache, write_cache
+
+        settings = {"format": 1, "nsamples": self.options.gen_windows, "seqlen": walk.calib_ids.shape[1],
+                    "prefix": self.options.gen_prefix, "seed": self.seed}
+        path = self.work_folder / WRITTEN_NAME if self.work_folder is not None else None
+        if path is not None and path.is_file():
+            return read_cache(path, settings, "windows the dense model wrote for the distillation stage", _FLAGS)
+        windows = self._generate(walk)
+        if path is not None:
+            write_cache(path, windows, settings)
+            logger.info("kd: the written windows are kept in %s for --resume", path)
+        return windows
 
     def _generate(self, walk: BlockWalk) -> torch.Tensor:
         """``--kd-gen-windows`` windows of the calibration's length, sampled from the dense model: window j continues
@@ -296,6 +313,12 @@ class KD(ModelFinetuner, Callback):
             total, count = total + float(kl.double().sum()), count + kl.numel()
         return total / count
 
+
+#: the file in a run's work folder that keeps the ``--kd-gen-windows`` windows for ``--resume``
+WRITTEN_NAME = "kd-windows.safetensors"
+#: a cached setting of those windows -> the flag that sets it
+_FLAGS = {"format": "the file format", "nsamples": "--kd-gen-windows", "seqlen": "--seqlen",
+          "prefix": "--kd-gen-prefix", "seed": "--seed"}
 
 #: the KV cache the extra windows are sampled with may take about this much memory (bf16), in batches of at most 128
 _GEN_CACHE_BYTES = 2**30
