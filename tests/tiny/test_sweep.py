@@ -330,3 +330,17 @@ def test_unknown_key_is_a_usage_error(tmp_path: Path) -> None:
     path.write_text("fixed: {model: m, lrr: 1}\n", encoding="utf-8")
     with pytest.raises(UsageError, match=r"fixed\.lrr is not a setting"):
         load_sweep(path)
+
+
+def test_the_time_left_counts_each_cell_at_the_mean_of_its_kind() -> None:
+    """Cells of different methods take very different times (pruning alone minutes, a preset an hour): each cell
+    left is counted at its own kind's mean, an untimed kind at the mean of all, and the estimate says so."""
+    from ebft.sweep.runner import _eta, _kind
+
+    none, lora, best = _kind({"finetune": "none"}), _kind({"finetune": "lora"}), _kind({"finetune": "kd",
+                                                                                        "preset": "best"})
+    timed = {none: [60.0, 120.0], lora: [600.0]}
+    assert _eta(timed, [lora, none]) == "; about 11 min 30 s left for 2 cell(s)"  # 600 + 90
+    # an untimed kind at the mean of the three finished cells, (60 + 120 + 600) / 3 = 260 s
+    assert _eta(timed, [best, none]) == "; about 5 min 50 s left for 2 cell(s), 1 of a method not timed yet"
+    assert _eta(timed, []) == ""

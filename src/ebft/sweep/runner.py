@@ -80,6 +80,24 @@ def _duration(seconds: float) -> str:
     return f"{seconds} s"
 
 
+def _kind(settings: dict[str, Any]) -> tuple:
+    """What a cell's time mostly depends on: its repair method and preset."""
+    return settings.get("finetune"), settings.get("preset")
+
+
+def _eta(timed: dict[tuple, list[float]], remaining: list[tuple]) -> str:
+    """``; about 1 h 40 min left for 2 cell(s)``: each remaining cell (its :func:`_kind`) at the mean time of the
+    finished cells of its kind, one of a kind not timed yet at the mean of all of them (and said so); empty when
+    nothing remains."""
+    if not remaining:
+        return ""
+    overall = statistics.mean(t for times in timed.values() for t in times)
+    untimed = sum(kind not in timed for kind in remaining)
+    left = sum(statistics.mean(timed[kind]) if kind in timed else overall for kind in remaining)
+    note = f", {untimed} of a method not timed yet" if untimed else ""
+    return f"; about {_duration(left)} left for {len(remaining)} cell(s){note}"
+
+
 @dataclass
 class SweepResult:
     out: Path
@@ -111,6 +129,8 @@ def run_sweep(sweep: Sweep, plan: Plan | None = None, on_cell: Callable[[str, Ce
     computed: list[str] = []
     others: list[str] = []
     seconds: list[float] = []
+    timed: dict[tuple, list[float]] = {}  # the seconds of the cells this process ran, by kind (_kind)
+    order = [c for model in sweep.models for c in sweep.cells if c.model == model and c.id in todo]
     position = 0
     total = len(plan.todo)
     for model in sweep.models:
@@ -136,9 +156,9 @@ def run_sweep(sweep: Sweep, plan: Plan | None = None, on_cell: Callable[[str, Ce
                     continue
                 record = _run_cell(sweep, cell, resident, backend)
             seconds.append(time.perf_counter() - start)
+            timed.setdefault(_kind(cell.settings), []).append(seconds[-1])
             computed.append(cell.id)
-            left = total - position
-            eta = f"; about {_duration(statistics.mean(seconds) * left)} left for {left} cell(s)" if left else ""
+            eta = _eta(timed, [_kind(c.settings) for c in order[position:]])
             ppl = ", ".join(f"{s} {p:.2f}" for s, p in record.report.eval.items())
             zs = record.zeroshot
             zs_text = f", zero-shot mean acc {zs['mean_acc']:.4f}" if zs else ""
