@@ -109,6 +109,16 @@ def fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+def fmt_duration(seconds: float) -> str:
+    """A time for a log line: ``1 h 02 min``, ``3 min 05 s`` or ``12 s``."""
+    seconds = max(0, int(round(seconds)))
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    if seconds >= 60:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds} s"
+
+
 def fmt_loss(value: Any) -> str:
     return "-" if value is None else f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import re
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +17,7 @@ from ebft import precision as precision_module
 from ebft.config import FinetuneConfig
 from ebft.finetune import FINETUNERS
 from ebft.finetune.ebft import EBFT
+from ebft.finetune import loop
 from ebft.finetune.loop import lr_factor, planned_steps
 from ebft.precision import describe_precision, resolve_precision
 from ebft.sparsity import apply_mask_
@@ -152,6 +156,24 @@ def test_steps_stop_part_way_through_the_last_pass(tiny_problem) -> None:
     assert result.steps == 7 and len(result.losses) == 3  # 3 + 3 + 1 steps
     assert result.tokens == (5 + 5 + 2) * 12  # the last pass took one batch of 2 windows
     assert planned_steps(_cfg(epochs=4, batch_size=2), 5) == (12, 3, 4)
+
+
+def test_without_a_progress_bar_a_long_run_logs_its_step_and_time_left(
+    tiny_problem, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No bar (not a terminal): a line once PROGRESS_LOG_SECONDS have passed since the last, none at the end."""
+    clock = iter(range(0, 1000, 10))  # every reading of the clock 10 s after the one before
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    monkeypatch.setattr(loop, "PROGRESS_LOG_SECONDS", 25.0)
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    block, x, y, masks = tiny_problem(nsamples=5)
+    with caplog.at_level(logging.INFO, logger="ebft.finetune.loop"):
+        EBFT(_cfg(epochs=2, batch_size=2), seed=0).tune(block, x, y, masks, {}, index=0)
+    lines = [r.getMessage() for r in caplog.records if r.name == "ebft.finetune.loop"]
+    # steps end at 10, 20, ..., 60 s: only step 3 (30 s) is 25 s past the last line; 3 steps left at 10 s each
+    assert len(lines) == 1, lines
+    assert re.fullmatch(r"block 0 ebft: step 3/6 \(epoch 1/2\), loss [0-9.e+-]+, about 30 s left", lines[0]), lines
+    assert loop.fmt_duration(3725) == "1 h 02 min" and loop.fmt_duration(185) == "3 min 05 s"
 
 
 def test_epoch_losses_are_the_training_losses(tiny_problem) -> None:

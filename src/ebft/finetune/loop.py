@@ -7,6 +7,9 @@ an order drawn from a ``torch.Generator`` seeded with ``seed``, ``cfg.batch_size
 last batch of an epoch may be smaller). The run takes ``cfg.epochs`` epochs, or exactly
 ``cfg.steps`` optimizer steps when that is set (the last epoch then stops part way).
 
+Progress: a tqdm bar where standard error is a terminal; elsewhere (a log file, a sweep), a log line every
+:data:`PROGRESS_LOG_SECONDS` with the step, the loss and the time left, so that a long stage is not silent.
+
 Under torchrun (``dist``), every process draws the same order and takes its contiguous shard of each
 batch; the losses are weighted by each shard's share of the batch's tokens and the gradients summed
 over the processes before clipping, so each process takes the step a single process would take.
@@ -14,7 +17,9 @@ over the processes before clipping, so each process takes the step a single proc
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -23,12 +28,20 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ebft.models.blocks import call_block
+from ebft.page import fmt_duration
 from ebft.precision import autocast_context
 
 if TYPE_CHECKING:
     from ebft.distributed import DistContext
 
-__all__ = ["TrainResult", "block_mse_loss", "fused_kwargs", "lr_factor", "planned_steps", "train_steps"]
+__all__ = ["PROGRESS_LOG_SECONDS", "TrainResult", "block_mse_loss", "fused_kwargs", "lr_factor", "planned_steps",
+           "train_steps"]
+
+logger = logging.getLogger(__name__)
+
+#: without a progress bar (standard error not a terminal, or --quiet's bars off), a training run logs its progress
+#: at most this often; runs shorter than this log nothing from the loop
+PROGRESS_LOG_SECONDS = 60.0
 
 
 class TrainResult(Protocol):
@@ -94,7 +107,9 @@ def train_steps(
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     generator = torch.Generator().manual_seed(seed)
     tokens = 0
-    progress = tqdm(total=total_steps, desc=desc, leave=False, disable=None if dist is None or dist.is_main else True)
+    main = dist is None or dist.is_main
+    progress = tqdm(total=total_steps, desc=desc, leave=False, disable=None if main else True)
+    heartbeat = _Heartbeat(desc, total_steps, epochs) if main and progress.disable else None
     try:
         for epoch in range(epochs):
             order = torch.randperm(nsamples, generator=generator)
@@ -136,6 +151,8 @@ def train_steps(
                 tokens += step_tokens
                 progress.update(1)
                 progress.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{loss_value:.4g}")
+                if heartbeat is not None:
+                    heartbeat.step(epoch, loss_value)
             result.losses.append(epoch_loss / epoch_steps)
             if on_epoch_end is not None and on_epoch_end(epoch, result.losses[-1]):
                 break
@@ -144,6 +161,25 @@ def train_steps(
         for p in params:
             p.grad = None
     return tokens
+
+
+class _Heartbeat:
+    """A log line at most every :data:`PROGRESS_LOG_SECONDS`: step, epoch, last loss and the time left."""
+
+    def __init__(self, desc: str, total: int, epochs: int) -> None:
+        self.desc, self.total, self.epochs = desc, total, epochs
+        self.start = self.last = time.perf_counter()
+        self.done = 0
+
+    def step(self, epoch: int, loss: float) -> None:
+        self.done += 1
+        now = time.perf_counter()
+        if now - self.last < PROGRESS_LOG_SECONDS or self.done >= self.total:
+            return
+        self.last = now
+        left = (now - self.start) / self.done * (self.total - self.done)
+        logger.info("%s: step %d/%d (epoch %d/%d), loss %.4g, about %s left", self.desc, self.done, self.total,
+                    epoch + 1, self.epochs, loss, fmt_duration(left))
 
 
 def _shard_loss(step_loss: Callable[[Tensor], tuple[Tensor, int]], idx: Tensor, dist: DistContext,

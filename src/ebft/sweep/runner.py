@@ -16,6 +16,7 @@ from ebft.config import EvalConfig, RunConfig
 from ebft.data import calibration_windows, evaluation_tokens, generate_windows
 from ebft.fsio import atomic_dir
 from ebft.memory import peak_memory, reset_peak_memory
+from ebft.page import fmt_duration
 from ebft.results import RunReport
 from ebft.runner import evaluate_all, resolve_device, run_prune
 from ebft.sweep.cells import CellRecord, Plan, _claimed, _zeroshot_backend, check_sweep, write_record
@@ -71,15 +72,6 @@ def _load(spec: str) -> _Resident:
     return _Resident(spec, loaded.model, loaded.tokenizer, state)
 
 
-def _duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    if seconds >= 3600:
-        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-    if seconds >= 60:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds} s"
-
-
 def _kind(settings: dict[str, Any]) -> tuple:
     """What a cell's time mostly depends on: its repair method and preset."""
     return settings.get("finetune"), settings.get("preset")
@@ -95,7 +87,7 @@ def _eta(timed: dict[tuple, list[float]], remaining: list[tuple]) -> str:
     untimed = sum(kind not in timed for kind in remaining)
     left = sum(statistics.mean(timed[kind]) if kind in timed else overall for kind in remaining)
     note = f", {untimed} of a method not timed yet" if untimed else ""
-    return f"; about {_duration(left)} left for {len(remaining)} cell(s){note}"
+    return f"; about {fmt_duration(left)} left for {len(remaining)} cell(s){note}"
 
 
 @dataclass
@@ -163,7 +155,7 @@ def run_sweep(sweep: Sweep, plan: Plan | None = None, on_cell: Callable[[str, Ce
             zs = record.zeroshot
             zs_text = f", zero-shot mean acc {zs['mean_acc']:.4f}" if zs else ""
             logger.info("cell %d/%d %s: %s%s in %s%s", position, total, cell.id, ppl or "done", zs_text,
-                        _duration(seconds[-1]), eta)
+                        fmt_duration(seconds[-1]), eta)
             if on_cell is not None:
                 on_cell(cell.id, record)
     resident = None
@@ -212,7 +204,7 @@ def _run_dense(sweep: Sweep, resident: _Resident, backend: tuple[str, Any] | Non
     ppl = ", ".join(f"{s} {p:.2f}" for s, p in report.eval.items())
     zs = record.zeroshot
     logger.info("dense %s: %s%s in %s", resident.model_spec, ppl,
-                f", zero-shot mean acc {zs['mean_acc']:.4f}" if zs else "", _duration(record.seconds))
+                f", zero-shot mean acc {zs['mean_acc']:.4f}" if zs else "", fmt_duration(record.seconds))
 
 
 def _run_cell(sweep: Sweep, cell: Cell, resident: _Resident, backend: tuple[str, Any] | None) -> CellRecord:
